@@ -1,0 +1,47 @@
+# The two set-up commands of the README: `make quickstart` and `make test`.
+# Everything installs into .venv; torch is installed first from the pinned CPU wheel so that no
+# later step can pull a CUDA build, and every other package is pinned by constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CORPORA := examples/corpora
+QS := data/quickstart
+
+.PHONY: install quickstart test test-fast bench clean-quickstart
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet --upgrade "pip==25.3"
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -c "import torch, sys; sys.exit('a CUDA torch build was installed; expected the CPU wheel' if torch.version.cuda else 0)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(VENV)/bin/xsam data list-corpora
+	$(VENV)/bin/xsam data convert coco-panoptic --out $(QS)/coco-panoptic \
+		--images $(CORPORA)/coco_panoptic/val2017 \
+		--annotations $(CORPORA)/coco_panoptic/annotations/panoptic_val2017.json \
+		--masks $(CORPORA)/coco_panoptic/annotations/panoptic_val2017 --num-workers 2
+	$(VENV)/bin/xsam data convert coco-instances --out $(QS)/coco-instances \
+		--images $(CORPORA)/coco_instances_polygons/val2017 \
+		--annotations $(CORPORA)/coco_instances_polygons/annotations/instances_val2017.json --num-workers 2
+	$(VENV)/bin/xsam data info $(QS)/coco-panoptic
+	$(VENV)/bin/xsam data info $(QS)/coco-instances
+
+test: install
+	$(VENV)/bin/pytest
+
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow"
+
+bench: install
+	$(PY) benchmarks/convert.py
+
+clean-quickstart:
+	rm -rf $(QS)

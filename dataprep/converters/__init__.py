@@ -1,0 +1,15 @@
+"""One converter per corpus; `CONVERTERS` maps the `xsam data convert CORPUS` name to its class."""
+
+from __future__ import annotations
+
+from dataprep.converters.base import Converter
+from dataprep.converters.coco_instances import CocoInstances
+from dataprep.converters.coco_panoptic import CocoPanoptic
+
+CONVERTERS: dict[str, type[Converter]] = {c.name: c for c in (CocoPanoptic, CocoInstances)}
+
+
+def get_converter(name: str) -> type[Converter]:
+    if name not in CONVERTERS:
+        raise KeyError(f"unknown corpus {name!r}; known: {', '.join(sorted(CONVERTERS))} (see `xsam data list-corpora`)")
+    return CONVERTERS[name]

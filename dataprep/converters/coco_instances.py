@@ -1,0 +1,270 @@
+"""COCO instances (`instances_*.json`: polygons, RLE, iscrowd) -> genseg records.
+
+Upstream format: https://cocodataset.org/#format-data ("Object Detection"). One record per entry of
+`images`, holding every annotation of that image as a segment: polygons are rasterised exactly as
+pycocotools' `annToMask` does (`frPyObjects` + `merge`), RLE (compressed or the uncompressed crowd
+form) is kept losslessly. Crowd annotations stay segments with `iscrowd=True` and are also OR-ed
+into the record's `ignore` mask (COCO evaluation ignores them).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from dataprep.converters.base import (
+    Converted,
+    ConvertOptions,
+    Converter,
+    Plan,
+    UpstreamRecord,
+    cached_tree,
+    estimate_bytes,
+    image_model,
+    load_json_input,
+    read_image,
+    require_keys,
+)
+from dataprep.quarantine import QuarantineRow, RecordRejected
+from dataprep.sources import open_tree
+from xsam.data import masks
+from xsam.data.schema import RLE, Record, Segment, Source, make_key
+
+FIX_INSTANCES = "pass a COCO instances file such as annotations/instances_val2017.json"
+
+
+def split_from_names(*names: str | None) -> str | None:
+    """COCO-style split name (`train2017`, `val2014`...) found in any of the given file names."""
+    for name in names:
+        if name:
+            match = re.search(r"(train|val|test|minival)(\d{4})", Path(str(name)).name)
+            if match:
+                return match.group(0)
+    return None
+
+
+def category_table(categories: Any, path: str, option: str, fix: str) -> dict[int, dict[str, Any]]:
+    from dataprep.quarantine import InputError
+
+    table: dict[int, dict[str, Any]] = {}
+    if not isinstance(categories, list):
+        raise InputError(f"--{option}: {path}: `categories` must be a list; {fix}")
+    for cat in categories:
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+            raise InputError(f"--{option}: {path}: malformed category entry {cat!r}; {fix}")
+        if cat["id"] in table:
+            raise InputError(f"--{option}: {path}: category id {cat['id']} listed twice; {fix}")
+        table[cat["id"]] = {"id": cat["id"], "name": cat["name"], "isthing": bool(cat.get("isthing", 1))}
+    return table
+
+
+def image_entries(
+    images: Any, *, corpus: str, split: str, source_file: str
+) -> tuple[dict[int, dict[str, Any]], list[QuarantineRow]]:
+    """`images` list -> {id: entry}, quarantining malformed entries and duplicate ids (record level)."""
+    by_id: dict[int, dict[str, Any]] = {}
+    rows: list[QuarantineRow] = []
+    for i, img in enumerate(images):
+        ok = isinstance(img, dict) and isinstance(img.get("id"), int) and isinstance(img.get("file_name"), str)
+        if not ok:
+            rows.append(
+                QuarantineRow(
+                    level="record", source_file=source_file, record_id=f"images[{i}]", part_id="", key="",
+                    reason="invalid_annotation", message=f"images[{i}] lacks an integer id or a file_name: {str(img)[:200]}",
+                )
+            )
+            continue
+        if img["id"] in by_id:
+            rows.append(
+                QuarantineRow(
+                    level="record", source_file=source_file, record_id=str(img["id"]), part_id="",
+                    key=make_key(corpus, split, img["id"]), reason="duplicate_id",
+                    message=f"image id {img['id']} listed again (images[{i}], file {img['file_name']}); the first entry was kept",
+                )
+            )
+            continue
+        by_id[img["id"]] = img
+    return by_id, rows
+
+
+def polygon_or_rle(seg: Any, height: int, width: int) -> tuple[RLE | None, str | None, str]:
+    """Upstream `segmentation` -> (RLE, None, "") or (None, reason, message) for quarantine."""
+    if isinstance(seg, list):
+        if not seg or not all(isinstance(poly, list) for poly in seg):
+            return None, "degenerate_polygon", "segmentation is an empty or malformed polygon list"
+        for poly in seg:
+            if len(poly) < 6 or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
+                return None, "degenerate_polygon", f"polygon with {len(poly)} coordinates (need >= 3 x,y points)"
+        rles = mask_utils.frPyObjects(seg, height, width)
+        merged = mask_utils.merge(rles)
+        rle = RLE(size=(height, width), counts=merged["counts"].decode("ascii"))
+        if masks.area(rle) == 0:
+            return None, "degenerate_polygon", "polygon covers no pixel"
+        return rle, None, ""
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        if [int(v) for v in seg["size"]] != [height, width]:
+            return None, "size_mismatch", f"RLE size {seg['size']} != image [h, w] [{height}, {width}]"
+        try:
+            rle = masks.from_coco(seg)
+        except (TypeError, ValueError) as err:
+            return None, "invalid_annotation", f"unreadable RLE: {err}"
+        if masks.area(rle) == 0:
+            return None, "empty_mask", "RLE mask covers no pixel"
+        return rle, None, ""
+    return None, "invalid_annotation", f"segmentation is neither polygons nor RLE: {str(seg)[:120]}"
+
+
+class CocoInstances(Converter):
+    name = "coco-instances"
+    task = "genseg"
+    version = "1"
+    required_inputs = {
+        "images": "folder or .zip/.tar of the COCO images (e.g. val2017/ or val2017.zip)",
+        "annotations": "COCO instances JSON (e.g. annotations/instances_val2017.json)",
+    }
+    optional_inputs = {"split": "split name for the record keys (default: from the file names, e.g. val2017)"}
+    example = "xsam data convert coco-instances --out data/coco-instances --images val2017 --annotations annotations/instances_val2017.json"
+
+    def _split(self) -> str:
+        split = self.inputs.get("split") or split_from_names(self.inputs["annotations"], self.inputs["images"])
+        return split or "default"
+
+    def parameters(self) -> dict[str, Any]:
+        return {"split": self._split()}
+
+    def plan(self) -> Plan:
+        path = self.inputs["annotations"]
+        data, input_file = load_json_input(path, "annotations", FIX_INSTANCES)
+        require_keys(data, ["images", "annotations", "categories"], path, "annotations", FIX_INSTANCES)
+        cats = category_table(data["categories"], path, "annotations", FIX_INSTANCES)
+        split = self._split()
+        source_file = input_file.name
+        images, rows = image_entries(data["images"], corpus=self.name, split=split, source_file=source_file)
+
+        anns_by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        seen_ann: set[Any] = set()
+        for i, ann in enumerate(data["annotations"]):
+            image_id = ann.get("image_id") if isinstance(ann, dict) else None
+            ann_id = ann.get("id") if isinstance(ann, dict) else None
+            if image_id not in images:
+                rows.append(
+                    QuarantineRow(
+                        level="part", source_file=source_file, record_id=str(image_id), part_id=str(ann_id), key="",
+                        reason="orphan_annotation" if isinstance(ann, dict) else "invalid_annotation",
+                        message=f"annotations[{i}] (id {ann_id}) points at image id {image_id}, which `images` lacks",
+                    )
+                )
+                continue
+            if ann_id in seen_ann:
+                rows.append(
+                    QuarantineRow(
+                        level="part", source_file=source_file, record_id=str(image_id), part_id=str(ann_id),
+                        key=make_key(self.name, split, image_id), reason="duplicate_id",
+                        message=f"annotation id {ann_id} listed again (annotations[{i}]); the first one was kept",
+                    )
+                )
+                continue
+            seen_ann.add(ann_id)
+            anns_by_image[image_id].append(ann)
+
+        tree = open_tree(self.inputs["images"], option="--images")
+        records = []
+        for image_id, img in images.items():
+            records.append(
+                UpstreamRecord(
+                    key=make_key(self.name, split, image_id),
+                    record_id=str(image_id),
+                    image_name=img["file_name"],
+                    est_bytes=estimate_bytes(tree, img["file_name"]),
+                    payload={"image": img, "annotations": anns_by_image.get(image_id, []), "split": split},
+                )
+            )
+        records.sort(key=lambda r: r.key)
+        self._categories = cats
+        self._source = input_file
+        return Plan(
+            records=records,
+            quarantine=rows,
+            inputs=[input_file],
+            categories=[cats[c] for c in sorted(cats)],
+            splits=[split],
+        )
+
+    def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
+        img = upstream.payload["image"]
+        data, info = read_image(cached_tree(self.inputs["images"], "--images"), img["file_name"], options)
+        expect = (img.get("height"), img.get("width"))
+        image = image_model(data, info, img["file_name"], expect if None not in expect else None)
+        h, w = image.height, image.width
+        source_file = self._source.name
+        parts: list[QuarantineRow] = []
+
+        def part(ann_id: Any, reason: str, message: str) -> None:
+            parts.append(
+                QuarantineRow(
+                    level="part", source_file=source_file, record_id=upstream.record_id, part_id=str(ann_id),
+                    key=upstream.key, reason=reason, message=message,
+                )
+            )
+
+        segments: list[Segment] = []
+        crowd: list[RLE] = []
+        names: list[str] = []
+        for ann in sorted(upstream.payload["annotations"], key=lambda a: (str(type(a.get("id"))), a.get("id"))):
+            ann_id = ann.get("id")
+            cat = self._categories.get(ann.get("category_id"))  # type: ignore[arg-type]
+            if not isinstance(ann_id, int):
+                part(ann_id, "invalid_annotation", f"annotation id {ann_id!r} is not an integer")
+                continue
+            if cat is None:
+                part(ann_id, "unknown_category", f"category_id {ann.get('category_id')!r} is not in `categories`")
+                continue
+            rle, reason, message = polygon_or_rle(ann.get("segmentation"), h, w)
+            if rle is None:
+                part(ann_id, reason or "invalid_annotation", message)
+                continue
+            bbox = ann.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+                bbox = list(masks.bbox(rle))
+            area = ann.get("area")
+            if not isinstance(area, (int, float)) or area < 0:
+                area = masks.area(rle)
+            iscrowd = bool(ann.get("iscrowd", 0))
+            if cat["name"] not in names:
+                names.append(cat["name"])
+            segments.append(
+                Segment(
+                    id=ann_id, rle=rle, category_id=cat["id"], category_name=cat["name"], isthing=cat["isthing"],
+                    iscrowd=iscrowd, bbox=tuple(float(v) for v in bbox), area=float(area),
+                    phrase_index=names.index(cat["name"]),
+                )
+            )
+            if iscrowd:
+                crowd.append(rle)
+
+        record = Record(
+            key=upstream.key,
+            task=self.task,
+            source=Source(
+                corpus=self.name, split=upstream.payload["split"], upstream_ids={"image_id": img["id"]},
+                annotation_file=source_file, annotation_sha256=self._source.sha256,
+            ),
+            image=image,
+            segments=segments,
+            ignore=masks.union(crowd, h, w) if crowd else None,
+            phrases=names,
+        )
+        return Converted(record=record, image_bytes=data, parts=parts)
+
+
+def id_map_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG -> segment id map: id = R + 256 * G + 256^2 * B."""
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise RecordRejected("corrupt_image", f"panoptic PNG must be RGB, got array shape {rgb.shape}")
+    rgb = rgb[..., :3].astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]

@@ -1,0 +1,231 @@
+"""COCO panoptic (`panoptic_*.json` + PNG id maps) -> genseg records.
+
+Upstream format: https://cocodataset.org/#format-data ("Panoptic Segmentation") and panopticapi:
+each PNG pixel holds a segment id = R + 256 * G + 256^2 * B (0 = void), listed in the image's
+`segments_info` with its category, `iscrowd`, `bbox` and `area`. One record per image holds every
+segment with `isthing`, so the semantic view (per category, things and stuff) and the instance view
+(things only) are derived from the same record (`xsam.data.views`), as X-SAM does, instead of being
+stored three times. `ignore` = void pixels, crowd segments and ids missing from `segments_info`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dataprep.converters.base import (
+    Converted,
+    ConvertOptions,
+    Converter,
+    Plan,
+    UpstreamRecord,
+    cached_tree,
+    estimate_bytes,
+    image_model,
+    load_json_input,
+    read_image,
+    require_keys,
+)
+from dataprep.converters.coco_instances import category_table, id_map_from_rgb, image_entries, split_from_names
+from dataprep.imagecheck import decode_png_array
+from dataprep.quarantine import QuarantineRow, RecordRejected
+from dataprep.sources import open_tree
+from xsam.data import masks
+from xsam.data.schema import Record, Segment, Source, make_key
+
+FIX_PANOPTIC = "pass a COCO panoptic file such as annotations/panoptic_val2017.json"
+
+
+class CocoPanoptic(Converter):
+    name = "coco-panoptic"
+    task = "genseg"
+    version = "1"
+    required_inputs = {
+        "images": "folder or .zip/.tar of the COCO images (e.g. val2017/)",
+        "annotations": "COCO panoptic JSON (e.g. annotations/panoptic_val2017.json)",
+        "masks": "folder or .zip of the panoptic PNGs (e.g. annotations/panoptic_val2017.zip)",
+    }
+    optional_inputs = {"split": "split name for the record keys (default: from the file names, e.g. val2017)"}
+    example = (
+        "xsam data convert coco-panoptic --out data/coco-panoptic --images val2017 "
+        "--annotations annotations/panoptic_val2017.json --masks annotations/panoptic_val2017.zip"
+    )
+
+    def _split(self) -> str:
+        split = self.inputs.get("split") or split_from_names(
+            self.inputs["annotations"], self.inputs["masks"], self.inputs["images"]
+        )
+        return split or "default"
+
+    def parameters(self) -> dict[str, Any]:
+        return {"split": self._split()}
+
+    def plan(self) -> Plan:
+        path = self.inputs["annotations"]
+        data, input_file = load_json_input(path, "annotations", FIX_PANOPTIC)
+        require_keys(data, ["images", "annotations", "categories"], path, "annotations", FIX_PANOPTIC)
+        cats = category_table(data["categories"], path, "annotations", FIX_PANOPTIC)
+        split = self._split()
+        source_file = input_file.name
+        images, rows = image_entries(data["images"], corpus=self.name, split=split, source_file=source_file)
+
+        ann_by_image: dict[int, dict[str, Any]] = {}
+        for i, ann in enumerate(data["annotations"]):
+            ok = (
+                isinstance(ann, dict)
+                and isinstance(ann.get("file_name"), str)
+                and isinstance(ann.get("segments_info"), list)
+            )
+            image_id = ann.get("image_id") if isinstance(ann, dict) else None
+            if not ok:
+                rows.append(
+                    QuarantineRow(
+                        level="record", source_file=source_file, record_id=str(image_id), part_id="", key="",
+                        reason="invalid_annotation",
+                        message=f"annotations[{i}] lacks file_name or a segments_info list",
+                    )
+                )
+                continue
+            if image_id not in images:
+                rows.append(
+                    QuarantineRow(
+                        level="record", source_file=source_file, record_id=str(image_id), part_id="", key="",
+                        reason="orphan_annotation",
+                        message=f"annotations[{i}] ({ann['file_name']}) points at image id {image_id}, which `images` lacks",
+                    )
+                )
+                continue
+            if image_id in ann_by_image:
+                rows.append(
+                    QuarantineRow(
+                        level="record", source_file=source_file, record_id=str(image_id), part_id="",
+                        key=make_key(self.name, split, image_id), reason="duplicate_id",
+                        message=f"annotations[{i}] is a second panoptic annotation of image {image_id}; the first was kept",
+                    )
+                )
+                continue
+            ann_by_image[image_id] = ann
+
+        tree = open_tree(self.inputs["images"], option="--images")
+        open_tree(self.inputs["masks"], option="--masks")  # fail fast when the mask input is missing
+        records = []
+        for image_id, img in images.items():
+            key = make_key(self.name, split, image_id)
+            ann = ann_by_image.get(image_id)
+            if ann is None:
+                rows.append(
+                    QuarantineRow(
+                        level="record", source_file=source_file, record_id=str(image_id), part_id="", key=key,
+                        reason="missing_annotation",
+                        message=f"image {img['file_name']} has no entry in `annotations`",
+                    )
+                )
+                continue
+            records.append(
+                UpstreamRecord(
+                    key=key,
+                    record_id=str(image_id),
+                    image_name=img["file_name"],
+                    est_bytes=estimate_bytes(tree, img["file_name"]),
+                    payload={"image": img, "annotation": ann, "split": split},
+                )
+            )
+        records.sort(key=lambda r: r.key)
+        self._categories = cats
+        self._source = input_file
+        return Plan(
+            records=records,
+            quarantine=rows,
+            inputs=[input_file],
+            categories=[cats[c] for c in sorted(cats)],
+            splits=[split],
+        )
+
+    def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
+        img = upstream.payload["image"]
+        ann = upstream.payload["annotation"]
+        data, info = read_image(cached_tree(self.inputs["images"], "--images"), img["file_name"], options)
+        expect = (img.get("height"), img.get("width"))
+        image = image_model(data, info, img["file_name"], expect if None not in expect else None)
+        h, w = image.height, image.width
+
+        png = cached_tree(self.inputs["masks"], "--masks").read(ann["file_name"])
+        ids = id_map_from_rgb(decode_png_array(png, max_pixels=options.max_pixels))
+        if ids.shape != (h, w):
+            raise RecordRejected(
+                "size_mismatch",
+                f"panoptic PNG {ann['file_name']} is {ids.shape[1]}x{ids.shape[0]} but image "
+                f"{img['file_name']} is {w}x{h}; the PNG belongs to another image or release",
+            )
+        source_file = self._source.name
+        parts: list[QuarantineRow] = []
+
+        def part(seg_id: Any, reason: str, message: str) -> None:
+            parts.append(
+                QuarantineRow(
+                    level="part", source_file=source_file, record_id=upstream.record_id, part_id=str(seg_id),
+                    key=upstream.key, reason=reason, message=message,
+                )
+            )
+
+        present = set(np.unique(ids).tolist())
+        listed: set[int] = set()
+        ignore = ids == 0
+        segments: list[Segment] = []
+        names: list[str] = []
+        for info_entry in sorted(ann["segments_info"], key=lambda s: (str(type(s.get("id"))), s.get("id"))):
+            seg_id = info_entry.get("id") if isinstance(info_entry, dict) else None
+            if not isinstance(seg_id, int):
+                part(seg_id, "invalid_annotation", f"segments_info entry without an integer id: {str(info_entry)[:120]}")
+                continue
+            if seg_id in listed:
+                part(seg_id, "duplicate_id", f"segment id {seg_id} listed twice in segments_info")
+                continue
+            listed.add(seg_id)
+            cat = self._categories.get(info_entry.get("category_id"))  # type: ignore[arg-type]
+            mask = ids == seg_id
+            if cat is None:
+                part(seg_id, "unknown_category", f"category_id {info_entry.get('category_id')!r} is not in `categories`")
+                ignore |= mask
+                continue
+            if seg_id not in present:
+                part(seg_id, "empty_mask", f"segment id {seg_id} does not occur in {ann['file_name']}")
+                continue
+            rle = masks.encode(mask)
+            iscrowd = bool(info_entry.get("iscrowd", 0))
+            if iscrowd:
+                ignore |= mask
+            bbox = info_entry.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4):
+                bbox = list(masks.bbox(rle))
+            area = info_entry.get("area")
+            if not isinstance(area, (int, float)):
+                area = int(mask.sum())
+            if cat["name"] not in names:
+                names.append(cat["name"])
+            segments.append(
+                Segment(
+                    id=seg_id, rle=rle, category_id=cat["id"], category_name=cat["name"], isthing=cat["isthing"],
+                    iscrowd=iscrowd, bbox=tuple(float(v) for v in bbox), area=float(area),
+                    phrase_index=names.index(cat["name"]),
+                )
+            )
+        for seg_id in sorted(present - listed - {0}):
+            part(seg_id, "unlisted_segment", f"{ann['file_name']} holds segment id {seg_id}, which segments_info lacks; its pixels are ignored")
+            ignore |= ids == seg_id
+
+        record = Record(
+            key=upstream.key,
+            task=self.task,
+            source=Source(
+                corpus=self.name, split=upstream.payload["split"], upstream_ids={"image_id": img["id"]},
+                annotation_file=source_file, annotation_sha256=self._source.sha256,
+            ),
+            image=image,
+            segments=segments,
+            ignore=masks.encode(ignore) if ignore.any() else None,
+            phrases=names,
+            meta={"panoptic_file_name": ann["file_name"]},
+        )
+        return Converted(record=record, image_bytes=data, parts=parts)

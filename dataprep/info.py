@@ -1,0 +1,49 @@
+"""`xsam data info`: what a dataset folder holds, from its metadata files only (cheap)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dataprep.manifest import QUARANTINE, load_dataset, read_parquet
+from dataprep.storage import Storage
+
+
+def dataset_info(storage: Storage) -> dict[str, Any]:
+    """Totals, per task/split, per quarantine reason and shard sizes of a complete dataset."""
+    files = load_dataset(storage)
+    meta = files.meta
+    totals = meta["totals"]
+    sizes = sorted(row["bytes"] for row in files.manifest)
+    samples = [row["samples"] for row in files.manifest]
+    quarantine = read_parquet(storage, QUARANTINE)
+    by_reason: dict[str, int] = {}
+    for row in quarantine:
+        by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
+    return {
+        "path": storage.url,
+        "version": files.version,
+        "schema_version": meta["schema_version"],
+        "corpus": meta["corpus"],
+        "task": meta["task"],
+        "converter": meta["converter"],
+        "splits": meta["splits"],
+        "records_read": totals["records_read"],
+        "samples": totals["samples"],
+        "items": totals["items"],
+        "quarantined": totals["quarantined"],
+        "quarantined_parts": totals["quarantined_parts"],
+        "shards": len(files.manifest),
+        "bytes": totals["bytes"],
+        "shard_bytes": {
+            "min": sizes[0] if sizes else 0,
+            "median": sizes[len(sizes) // 2] if sizes else 0,
+            "max": sizes[-1] if sizes else 0,
+        },
+        "shard_samples": {"min": min(samples, default=0), "max": max(samples, default=0)},
+        "by_task": meta["by_task"],
+        "by_reason": dict(sorted(by_reason.items())),
+        "by_reason_level": meta["by_reason"],
+        "parameters": meta["parameters"],
+        "inputs": meta["inputs"],
+        "accounting_ok": totals["records_read"] == totals["samples"] + totals["quarantined"],
+    }

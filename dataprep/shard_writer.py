@@ -1,0 +1,115 @@
+"""Byte-reproducible WebDataset tar shards.
+
+One record = `KEY.<jpg|png>` (the upstream image bytes) + `KEY.json` (`ShardSample`: the record
+and its default rendering). Records are written in key order with their members sorted by name,
+and every tar header field that could vary between machines or runs (mtime, uid, gid, user and
+group names, mode) is a constant, so the same inputs give byte-identical shards anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel
+
+TAR_MTIME = 0
+TAR_MODE = 0o644
+TAR_FORMAT = tarfile.GNU_FORMAT  # long keys need GNU long names; headers stay deterministic
+BLOCK = tarfile.BLOCKSIZE
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one JSON encoding of shard members and metadata: sorted keys, no spaces, UTF-8."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json", by_alias=True)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(kw_only=True, slots=True)
+class ShardEntry:
+    """One record's members, ready to write."""
+
+    key: str
+    image_ext: str
+    image: bytes
+    sample_json: bytes
+
+    def members(self) -> list[tuple[str, bytes]]:
+        return sorted([(f"{self.key}.{self.image_ext}", self.image), (f"{self.key}.json", self.sample_json)])
+
+    def tar_bytes(self) -> int:
+        """Exact bytes these members add to a tar (headers + padded data, GNU long names)."""
+        total = 0
+        for name, data in self.members():
+            total += BLOCK + _padded(len(data))
+            if len(name.encode("utf-8")) > 100 - 1:  # GNU ././@LongLink header + name blocks
+                total += BLOCK + _padded(len(name.encode("utf-8")) + 1)
+        return total
+
+
+def _padded(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK * BLOCK
+
+
+def tar_overhead() -> int:
+    """End-of-archive blocks plus the worst-case record padding of `tarfile`."""
+    return tarfile.RECORDSIZE + 2 * BLOCK
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_shard(stream: BinaryIO, entries: list[ShardEntry]) -> None:
+    """Write `entries` (any order; written sorted by key) as one tar to `stream`."""
+    with tarfile.open(fileobj=stream, mode="w", format=TAR_FORMAT) as tar:
+        for entry in sorted(entries, key=lambda e: e.key):
+            for name, data in entry.members():
+                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+
+
+def write_shard_file(path: Path, entries: list[ShardEntry]) -> tuple[str, int]:
+    """Write a shard to `path`; returns (sha256, bytes)."""
+    with open(path, "wb") as f:
+        write_shard(f, entries)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest(), path.stat().st_size
+
+
+def iter_shard(stream: BinaryIO) -> "list[tuple[str, dict[str, bytes]]]":
+    """Read a shard back as [(key, {ext: bytes})] in file order, refusing anything but plain files.
+
+    Used by lint/preview/diff; training reads shards with the streaming loader instead.
+    """
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if not member.isreg():
+                raise ValueError(f"shard member {member.name!r} is not a regular file")
+            name = member.name
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"shard member {name!r} has a path; shards hold flat KEY.ext members")
+            key, _, ext = name.partition(".")
+            fileobj = tar.extractfile(member)
+            data = fileobj.read() if fileobj is not None else b""
+            if samples and samples[-1][0] == key:
+                samples[-1][1][ext] = data
+            else:
+                samples.append((key, {ext: data}))
+    return samples

@@ -1,0 +1,19 @@
+"""The `xsam` command: one typer app, sub-commands grouped by noun (`xsam data ...`)."""
+
+from __future__ import annotations
+
+import typer
+
+from pipelines.cli import data
+
+app = typer.Typer(
+    name="xsam",
+    help="xsam-pipeline: build, train and evaluate X-SAM. Example: xsam data list-corpora",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data.app, name="data")
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv, prog_name="xsam")

@@ -1,0 +1,136 @@
+"""`xsam data ...`: convert corpora into shards and inspect, lint, preview and diff datasets.
+
+Thin wrappers: each verb parses its flags and calls library code in `jobs`/`dataprep`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from dataprep.convert import DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES, ConvertParams
+from dataprep.converters import CONVERTERS
+from dataprep.imagecheck import DEFAULT_MAX_PIXELS
+from dataprep.quarantine import InputError
+from dataprep.storage import open_storage
+
+app = typer.Typer(help="Convert corpora into WebDataset shards; inspect the datasets.", no_args_is_help=True)
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def fail(message: str, code: int = 2) -> None:
+    # soft_wrap: never cut a path in the middle; Text: a path with [brackets] is not markup
+    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command("convert")
+def convert(
+    corpus: str = typer.Argument(..., help="corpus name (see `xsam data list-corpora`)"),
+    out: str = typer.Option(..., "--out", help="output folder or s3://bucket/prefix"),
+    images: Optional[str] = typer.Option(None, help="images folder or .zip/.tar archive"),
+    annotations: Optional[str] = typer.Option(None, help="upstream annotation file"),
+    masks: Optional[str] = typer.Option(None, help="mask PNG folder or .zip/.tar archive"),
+    root: Optional[str] = typer.Option(None, help="release root folder (e.g. ADEChallengeData2016)"),
+    split: Optional[str] = typer.Option(None, help="split name (default: from the input names)"),
+    shard_max_samples: int = typer.Option(DEFAULT_SHARD_MAX_SAMPLES, help="records per shard, at most"),
+    shard_max_bytes: int = typer.Option(DEFAULT_SHARD_MAX_BYTES, help="bytes per shard, at most"),
+    num_workers: Optional[int] = typer.Option(None, help="parallel Ray tasks (default: CPU count)"),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster: HOST:PORT to drive it, http://HOST:8265 to submit a Ray Job"
+    ),
+    verify: str = typer.Option("structural", help="image validation: structural (cheap) or full (decode)"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="reject images declaring more pixels"),
+    templates: Optional[Path] = typer.Option(None, help="instruction templates YAML replacing the packaged one"),
+) -> None:
+    """Convert an upstream corpus into shards (a Ray job; resumable, byte-reproducible).
+
+    Example: xsam data convert coco-panoptic --out data/coco-panoptic --images val2017
+    --annotations annotations/panoptic_val2017.json --masks annotations/panoptic_val2017
+    """
+    if corpus not in CONVERTERS:
+        fail(f"unknown corpus {corpus!r}; known: {', '.join(sorted(CONVERTERS))}")
+    if address and address.startswith(("http://", "https://")):
+        from jobs.convert import submit_job
+
+        argv = [corpus, "--out", out]
+        for flag, value in (
+            ("--images", images), ("--annotations", annotations), ("--masks", masks), ("--root", root),
+            ("--split", split), ("--num-workers", num_workers), ("--templates", templates),
+        ):
+            if value is not None:
+                argv += [flag, str(value)]
+        argv += ["--shard-max-samples", str(shard_max_samples), "--shard-max-bytes", str(shard_max_bytes)]
+        argv += ["--verify", verify, "--max-pixels", str(max_pixels)]
+        raise typer.Exit(submit_job(address, argv, err_console))
+
+    from jobs.convert import run_conversion
+
+    inputs = {"images": images, "annotations": annotations, "masks": masks, "root": root, "split": split}
+    try:
+        params = ConvertParams(
+            shard_max_samples=shard_max_samples,
+            shard_max_bytes=shard_max_bytes,
+            verify=verify,
+            max_pixels=max_pixels,
+            templates=str(templates) if templates else None,
+        )
+        run_conversion(corpus, out, inputs, params, num_workers=num_workers, address=address, console=err_console)
+    except (InputError, ValueError) as err:
+        fail(str(err))
+
+
+@app.command("list-corpora")
+def list_corpora() -> None:
+    """List the known corpora with their required and optional inputs."""
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("corpus")
+    table.add_column("task")
+    table.add_column("inputs")
+    for name, cls in sorted(CONVERTERS.items()):
+        lines = [f"--{k.replace('_', '-')}  {v}" for k, v in cls.required_inputs.items()]
+        lines += [f"[dim]--{k.replace('_', '-')}  (optional) {v}[/]" for k, v in cls.optional_inputs.items()]
+        if cls.example:
+            lines.append(f"[dim]e.g. {cls.example}[/]")
+        table.add_row(name, cls.task, "\n".join(lines))
+    out_console.print(table)
+
+
+@app.command("info")
+def info(
+    dataset: str = typer.Argument(..., help="dataset folder or s3://bucket/prefix"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Totals, per task/source, per quarantine reason and shard sizes of a dataset."""
+    from dataprep.info import dataset_info
+
+    try:
+        summary = dataset_info(open_storage(dataset))
+    except FileNotFoundError as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"{summary['corpus']} ({summary['task']}) at {summary['path']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("version", summary["version"][:16])
+    table.add_row("schema_version", summary["schema_version"])
+    for name in ("records_read", "samples", "items", "quarantined", "quarantined_parts", "shards", "bytes"):
+        table.add_row(name, f"{summary[name]:,}")
+    sb = summary["shard_bytes"]
+    table.add_row("shard bytes min/median/max", f"{sb['min']:,} / {sb['median']:,} / {sb['max']:,}")
+    for task, splits in summary["by_task"].items():
+        for split_name, cell in splits.items():
+            table.add_row(f"{task} / {split_name}", f"{cell['records']:,} records, {cell['items']:,} items")
+    for reason, levels in summary["by_reason_level"].items():
+        table.add_row(f"quarantine: {reason}", f"{levels['record']:,} records, {levels['part']:,} parts")
+    table.add_row("records_read == samples + quarantined", "ok" if summary["accounting_ok"] else "MISMATCH")
+    out_console.print(table)
