@@ -134,3 +134,115 @@ def info(
         table.add_row(f"quarantine: {reason}", f"{levels['record']:,} records, {levels['part']:,} parts")
     table.add_row("records_read == samples + quarantined", "ok" if summary["accounting_ok"] else "MISMATCH")
     out_console.print(table)
+
+
+@app.command("lint")
+def lint(
+    dataset: str = typer.Argument(..., help="dataset folder or s3://bucket/prefix"),
+    verify: str = typer.Option("structural", help="image check: structural (cheap) or full (decode every image)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (the report)"),
+) -> None:
+    """Re-read every shard and check it against the manifest, the index and dataset.json.
+
+    Exit 0 when everything holds, 1 when any problem was found (each is printed, naming the shard
+    and the sample key).
+    """
+    from dataprep.lint import lint_dataset
+
+    if verify not in ("structural", "full"):
+        fail(f"--verify must be 'structural' or 'full', got {verify!r}")
+    try:
+        report = lint_dataset(open_storage(dataset), verify=verify, console=None if as_json else err_console)
+    except ValueError as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        raise typer.Exit(0 if report.ok else 1)
+    for problem in report.problems:
+        out_console.print(problem.render(), markup=False, highlight=False, soft_wrap=True)
+    checked = (
+        f"{report.shards} shards, {report.samples} samples, {report.items} items, {report.masks} masks "
+        f"(images: {report.verify})"
+    )
+    version = f" version {report.version[:16]}" if report.version else ""
+    if report.ok:
+        out_console.print(f"[green]ok[/]: {report.path}{version}: {checked}; every check holds")
+        return
+    out_console.print(f"[red]{len(report.problems)} problem(s)[/] in {report.path}{version}: {checked}")
+    raise typer.Exit(1)
+
+
+@app.command("preview")
+def preview(
+    dataset: str = typer.Argument(..., help="dataset folder or s3://bucket/prefix"),
+    png: Path = typer.Option(..., "--png", help="PNG file to write"),
+    key: Optional[str] = typer.Option(None, "--key", help="record key"),
+    index: Optional[int] = typer.Option(None, "--index", help="N-th record in index.parquet order (from 0)"),
+    item: int = typer.Option(0, "--item", help="which item's conversation to show (from 0)"),
+) -> None:
+    """Draw one record (masks, labels, ignore region, conversation) as a PNG to check it by eye."""
+    from dataprep.preview import PreviewError, write_preview
+
+    if (key is None) == (index is None):
+        fail("give exactly one of --key KEY or --index N")
+    try:
+        path, sample = write_preview(open_storage(dataset), png, key=key, index=index, item=item)
+    except (FileNotFoundError, PreviewError) as err:
+        fail(str(err))
+    out_console.print(
+        f"preview of {sample.key} (item {item} of {len(sample.items)}, {len(sample.record.segments)} segments) "
+        f"written to {path}",
+        highlight=False,
+    )
+
+
+@app.command("diff")
+def diff(
+    old: str = typer.Argument(..., help="old dataset folder or s3://bucket/prefix"),
+    new: str = typer.Argument(..., help="new dataset folder or s3://bucket/prefix"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (all keys)"),
+    max_keys: int = typer.Option(10, "--max-keys", help="keys listed per category in the human output"),
+) -> None:
+    """Records added, removed, changed and unchanged between two datasets, and their parameter changes."""
+    from dataprep.diff import CATEGORIES, DiffInputError, diff_datasets, short
+
+    try:
+        report = diff_datasets(open_storage(old), open_storage(new), max_keys=None if as_json else max_keys)
+    except (DiffInputError, ValueError) as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    o, n = report["old"], report["new"]
+    out_console.print(f"old: {o['path']}  version {o['version'][:16]}  {o['records']:,} records", highlight=False)
+    out_console.print(f"new: {n['path']}  version {n['version'][:16]}  {n['records']:,} records", highlight=False)
+    if report["same_version"]:
+        out_console.print("[green]same version[/]: the manifests are byte-identical")
+    table = Table(title="records by task / split", show_header=True, header_style="bold")
+    for column in ("task", "split", *CATEGORIES):
+        table.add_column(column, justify="left" if column in ("task", "split") else "right")
+    for row in report["by_task"]:
+        table.add_row(row["task"], row["split"], *(f"{row[c]:,}" for c in CATEGORIES))
+    table.add_row("[bold]total[/]", "", *(f"[bold]{report['counts'][c]:,}[/]" for c in CATEGORIES))
+    out_console.print(table)
+    for category in ("added", "removed", "changed"):
+        total = report["counts"][category]
+        if not total:
+            continue
+        out_console.print(f"[bold]{category}[/] ({total:,}):", highlight=False)
+        for key in report["keys"][category]:
+            what = report["changed_what"].get(key) if category == "changed" else None
+            out_console.print(f"  {key}" + (f"  ({', '.join(what)} differs)" if what else ""), highlight=False)
+        if total > len(report["keys"][category]):
+            out_console.print(f"  ... and {total - len(report['keys'][category]):,} more (--json lists all)")
+    changes = [("dataset", d) for d in report["meta"]] + [("parameter", d) for d in report["parameters"]]
+    changes += [("input", d) for d in report["inputs"]]
+    if changes:
+        ptable = Table(title="dataset.json differences", show_header=True, header_style="bold")
+        for column in ("kind", "name", "old", "new"):
+            ptable.add_column(column)
+        for kind, d in changes:
+            ptable.add_row(kind, d["name"], short(d["old"]), short(d["new"]))
+        out_console.print(ptable)
+    else:
+        out_console.print("parameters, inputs and schema version: identical")

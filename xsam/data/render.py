@@ -470,7 +470,7 @@ def _render_genseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
         Turn(role="assistant", text=answer.format()),
     ]
     seg = SegAnswer(turn=1, targets=[SegTarget(segment=i, span=span_of[s.category_id]) for i, s in targets])
-    return [ctx.item(0, turns, [Span(turn=0) for _ in cats], [seg], [question.id, answer.id])]
+    return [ctx.item(0, turns, [Span(turn=0, category_id=c.id) for c in cats], [seg], [question.id, answer.id])]
 
 
 def _phrase_segments(ctx: _Ctx, *, default_all: bool = False) -> list[list[int]]:

@@ -178,6 +178,9 @@ class Span(_Strict):
     turn: int = Field(ge=0)
     phrase_index: int | None = Field(default=None, ge=0, description="into Record.phrases")
     prompt_index: int | None = Field(default=None, ge=0, description="into Record.visual_prompts")
+    category_id: int | None = Field(
+        default=None, description="genseg/ovseg: the vocabulary category this span names"
+    )
 
 
 class SegTarget(_Strict):
@@ -234,6 +237,24 @@ class ShardSample(_Strict):
 
     record: Record
     items: list[Item]
+
+    @model_validator(mode="after")
+    def _items_fit_record(self) -> ShardSample:
+        rec = self.record
+        for i, item in enumerate(self.items):
+            where = f"item {item.key}"
+            if item.record_key != rec.key or item.task != rec.task or item.index != i:
+                raise ValueError(f"{where}: must be item {i} of record {rec.key} ({rec.task})")
+            for span in item.spans:
+                if span.phrase_index is not None and span.phrase_index >= len(rec.phrases):
+                    raise ValueError(f"{where}: span phrase_index {span.phrase_index} out of range")
+                if span.prompt_index is not None and span.prompt_index >= len(rec.visual_prompts):
+                    raise ValueError(f"{where}: span prompt_index {span.prompt_index} out of range")
+            for seg in item.segs:
+                for target in seg.targets:
+                    if target.segment >= len(rec.segments):
+                        raise ValueError(f"{where}: <SEG> target segment {target.segment} out of range")
+        return self
 
 
 def item_key(record_key: str, index: int) -> str:
