@@ -332,3 +332,37 @@ def test_malformed_top_level_input_fails_fast(ray_session, panoptic12, tmp_path,
     for text in expect:
         assert text in flat, (text, result.output)
     assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+def test_s3_resume_verifies_shard_hashes(ray_session, bucket, panoptic12, tmp_path):
+    import boto3
+
+    params = ConvertParams(shard_max_samples=4)
+    inputs = {k: str(v) for k, v in panoptic12.items()}
+    cli(*convert_args("coco-panoptic", tmp_path / "reference", panoptic12, "--shard-max-samples", "4"))
+    url = f"s3://{bucket}/ds"
+    storage = open_storage(url)
+    converter = get_converter("coco-panoptic")(**inputs)
+    prepared = prepare(converter, storage, params)
+    for unit in prepared.units[:2]:
+        run_unit(converter, unit, storage, params, prepared.digest, prepared.plan.categories)
+    client = boto3.client("s3")
+    key = "ds/shards/shard-000001-00.tar"
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[7000] ^= 0xFF  # same size, other bytes: only a hash notices
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+    output = cli(*convert_args("coco-panoptic", url, panoptic12, "--shard-max-samples", "4"))
+    assert "2 / 1" in output  # unit 1 redone, unit 0 reused
+    remote = {
+        o["Key"][len("ds/") :]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in client.list_objects_v2(Bucket=bucket)["Contents"]
+        if not o["Key"].startswith("ds/logs/")
+    }
+    assert remote == dataset_files(tmp_path / "reference")
+
+
+def test_list_corpora_names_inputs():
+    output = cli("data", "list-corpora")
+    for text in ("coco-panoptic", "coco-instances", "ade20k", "--annotations", "--masks", "--root"):
+        assert text in output, text
