@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataprep.converters.ade20k import Ade20k
 from dataprep.converters.base import Converter
 from dataprep.converters.coco_instances import CocoInstances
 from dataprep.converters.coco_panoptic import CocoPanoptic
 
-CONVERTERS: dict[str, type[Converter]] = {c.name: c for c in (CocoPanoptic, CocoInstances)}
+CONVERTERS: dict[str, type[Converter]] = {c.name: c for c in (CocoPanoptic, CocoInstances, Ade20k)}
 
 
 def get_converter(name: str) -> type[Converter]:

@@ -136,6 +136,15 @@ def info(
     out_console.print(table)
 
 
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "cannot read that location" (local I/O, S3 credentials/bucket/network)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
 @app.command("lint")
 def lint(
     dataset: str = typer.Argument(..., help="dataset folder or s3://bucket/prefix"),
@@ -155,6 +164,8 @@ def lint(
         report = lint_dataset(open_storage(dataset), verify=verify, console=None if as_json else err_console)
     except ValueError as err:
         fail(str(err))
+    except _storage_errors() as err:
+        fail(f"cannot read {dataset}: {type(err).__name__}: {err}")
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
         raise typer.Exit(0 if report.ok else 1)
@@ -166,9 +177,9 @@ def lint(
     )
     version = f" version {report.version[:16]}" if report.version else ""
     if report.ok:
-        out_console.print(f"[green]ok[/]: {report.path}{version}: {checked}; every check holds")
+        out_console.print(f"[green]ok[/]: {report.path}{version}: {checked}; every check holds", soft_wrap=True)
         return
-    out_console.print(f"[red]{len(report.problems)} problem(s)[/] in {report.path}{version}: {checked}")
+    out_console.print(f"[red]{len(report.problems)} problem(s)[/] in {report.path}{version}: {checked}", soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -187,12 +198,15 @@ def preview(
         fail("give exactly one of --key KEY or --index N")
     try:
         path, sample = write_preview(open_storage(dataset), png, key=key, index=index, item=item)
-    except (FileNotFoundError, PreviewError) as err:
+    except (FileNotFoundError, PreviewError, ValueError) as err:
         fail(str(err))
+    except _storage_errors() as err:
+        fail(f"cannot read {dataset} or write {png}: {type(err).__name__}: {err}")
     out_console.print(
         f"preview of {sample.key} (item {item} of {len(sample.items)}, {len(sample.record.segments)} segments) "
         f"written to {path}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -240,7 +254,7 @@ def diff(
     if changes:
         ptable = Table(title="dataset.json differences", show_header=True, header_style="bold")
         for column in ("kind", "name", "old", "new"):
-            ptable.add_column(column)
+            ptable.add_column(column, overflow="fold")
         for kind, d in changes:
             ptable.add_row(kind, d["name"], short(d["old"]), short(d["new"]))
         out_console.print(ptable)

@@ -7,7 +7,6 @@ header field), so the test exercises exactly the failure it names.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from pathlib import Path

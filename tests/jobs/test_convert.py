@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -27,7 +26,7 @@ from PIL import Image as PILImage
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-from builders import build_instances, build_panoptic, dataset_files
+from builders import build_panoptic, dataset_files
 from dataprep.convert import ConvertParams, prepare, run_unit
 from dataprep.converters import get_converter
 from dataprep.manifest import INDEX, MANIFEST, read_parquet, version_id

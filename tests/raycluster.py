@@ -1,0 +1,129 @@
+"""A real multi-process Ray cluster on loopback for tests that need one of their own.
+
+The session-wide Ray of conftest.py serves most tests; this one adds what it cannot: a dashboard
+(the Jobs API) and a second node on another loopback address (127.0.0.2), so Ray sees two real
+nodes. Everything it starts is stopped by `stop()` without `ray stop`, which would also kill the
+session's shared Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from conftest import free_port
+
+
+class LocalRayCluster:
+    def __init__(self) -> None:
+        self.bin = Path(sys.executable).parent
+        self.tmp = tempfile.mkdtemp(prefix="xr", dir="/tmp")  # Ray's unix socket paths must stay short
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            # a real multi-node cluster (explicit loopback node addresses), unlike the session Ray
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+            "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        self.procs: list[subprocess.Popen] = []
+        self.port = free_port()
+        self.dashboard_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, args: list[str]) -> subprocess.Popen:
+        log = open(Path(self.tmp) / f"start-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen(
+            [str(self.bin / "ray"), "start", *args, "--block", "--disable-usage-stats"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def start_head(self, num_cpus: int, dashboard: bool) -> None:
+        args = ["--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--num-cpus={num_cpus}",
+                f"--temp-dir={self.tmp}", f"--dashboard-agent-listen-port={free_port()}"]
+        if dashboard:
+            self.dashboard_port = free_port()
+            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+        else:
+            args += ["--include-dashboard=false"]
+        head = self._start(args)
+        self.wait_nodes(1, head)
+        if dashboard:
+            self._wait_http(f"{self.dashboard}/api/version", head)
+
+    def add_node(self, ip: str, num_cpus: int) -> None:
+        node = self._start([f"--address={self.address}", f"--node-ip-address={ip}", f"--num-cpus={num_cpus}",
+                            f"--dashboard-agent-listen-port={free_port()}"])
+        self.wait_nodes(len(self.procs), node)
+
+    def wait_nodes(self, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{self._tail(proc)}")
+            status = subprocess.run([str(self.bin / "ray"), "status", f"--address={self.address}"],
+                                    env=self.env, capture_output=True, text=True)
+            if status.returncode == 0 and status.stdout.count("node_") >= count:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the Ray cluster did not reach {count} nodes")
+
+    @staticmethod
+    def _tail(proc: subprocess.Popen) -> str:
+        path = getattr(proc, "log_path", None)
+        return Path(path).read_text(errors="replace")[-3000:] if path else ""
+
+    @staticmethod
+    def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"{url} did not answer")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        # processes that left their process group still name this cluster's temp dir
+        marker = self.tmp.encode()
+        for proc_dir in Path("/proc").iterdir():
+            if not proc_dir.name.isdigit():
+                continue
+            try:
+                cmdline = (proc_dir / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc_dir.name), signal.SIGKILL)
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.tmp, ignore_errors=True)
