@@ -249,6 +249,21 @@ class Row:
     finalize_s: list[float] = field(default_factory=list)
 
 
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def cpu_ticks() -> list[int] | None:
+    """Machine-wide CPU ticks (user, nice, system, idle, iowait, ...) from /proc/stat, or None."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def machine() -> dict[str, str]:
     import pyarrow
     import ray
@@ -318,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (root / ".xsam-bench").touch()
     runs = root / "runs"
     started = time.perf_counter()
+    load_start, ticks_start = loadavg(), cpu_ticks()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None)
 
     _install_phase_timers()
@@ -418,12 +434,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "rows": [summarize(row) for row in rows.values()],
         "total_s": time.perf_counter() - started,
+        "load": {"start": load_start, "end": loadavg(), "busy": busy_share(ticks_start, cpu_ticks())},
     }
     if args.out is None:
         shutil.rmtree(root, ignore_errors=True)
     else:
         shutil.rmtree(runs, ignore_errors=True)
     return result
+
+
+def busy_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Share of all CPU time the machine was busy during the run (this run and anything else)."""
+    if not before or not after:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal
+    return (total - delta[3] - delta[4]) / total if total else None
 
 
 def summarize(row: Row) -> dict[str, Any]:
@@ -463,7 +489,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Run: `--records {a['records']} --panoptic-records {a['panoptic_records']} --repeats {a['repeats']} "
         f"--shard-samples {a['shard_samples']} --cpu-units {a['cpu_units']}` (records: {sizes}; workers "
         f"{', '.join(map(str, a['workers']))}); {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, "
-        f"Ray {m['ray']}, pyarrow {m['pyarrow']}; whole run {result['total_s']:.0f} s.",
+        f"Ray {m['ray']}, pyarrow {m['pyarrow']}; whole run {result['total_s']:.0f} s; load average "
+        f"{result['load']['start']} at the start, {result['load']['end']} at the end"
+        + (f", CPUs {100 * result['load']['busy']:.0f}% busy during the run." if result["load"]["busy"] is not None else "."),
         "",
         "Wall clock, Ray (`run_conversion` vs the Ray copy floor, same workers, same shard grouping):",
         "",

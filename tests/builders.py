@@ -11,7 +11,10 @@ import copy
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dataprep.convert import ConvertParams
 
 PAN_ID = 439180
 
@@ -67,6 +70,63 @@ def build_instances(corpora: Path, out: Path, n: int) -> dict[str, Path]:
     return {"images": images_dir, "annotations": annotations}
 
 
+def panoptic_sample_record(corpora: Path):
+    """The real COCO panoptic val2017 image 439180 as a genseg Record built independently of the
+    converter (numpy + masks.encode), with its panoptic id map and the upstream JSON document."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from xsam.data import masks
+    from xsam.data.schema import Image, Record, Segment, Source, make_key
+
+    src = corpora / "coco_panoptic"
+    ann_path = src / "annotations" / "panoptic_val2017.json"
+    doc = json.loads(ann_path.read_bytes())
+    (info,), (ann,) = doc["images"], doc["annotations"]
+    cats = {c["id"]: c for c in doc["categories"]}
+    png = PILImage.open(src / "annotations" / "panoptic_val2017" / ann["file_name"]).convert("RGB")
+    rgb = np.asarray(png, dtype=np.uint32)
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]  # panoptic id = R + 256 G + 256^2 B
+    segments = [
+        Segment(
+            id=s["id"],
+            rle=masks.encode(ids == s["id"]),
+            category_id=s["category_id"],
+            category_name=cats[s["category_id"]]["name"],
+            isthing=bool(cats[s["category_id"]]["isthing"]),
+            iscrowd=bool(s["iscrowd"]),
+            bbox=tuple(float(v) for v in s["bbox"]),
+            area=float(s["area"]),
+        )
+        for s in ann["segments_info"]
+    ]
+    jpg = (src / "val2017" / info["file_name"]).read_bytes()
+    record = Record(
+        key=make_key("coco-panoptic", "val2017", info["id"]),
+        task="genseg",
+        source=Source(
+            corpus="coco-panoptic",
+            split="val2017",
+            upstream_ids={"image_id": info["id"]},
+            annotation_file=ann_path.name,
+            annotation_sha256=hashlib.sha256(ann_path.read_bytes()).hexdigest(),
+        ),
+        image=Image(
+            ext="jpg",
+            sha256=hashlib.sha256(jpg).hexdigest(),
+            bytes=len(jpg),
+            width=info["width"],
+            height=info["height"],
+            file_name=info["file_name"],
+        ),
+        segments=segments,
+        ignore=masks.encode(ids == 0),  # void pixels
+    )
+    return record, ids, doc
+
+
 def copy_tree_files(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
 
@@ -77,4 +137,25 @@ def dataset_files(root: Path) -> dict[str, bytes]:
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.relative_to(root).as_posix().startswith("logs/")
+    }
+
+
+def convert_once(tmp_path_factory, name: str, corpus: str, inputs: dict, params: ConvertParams) -> Path:
+    """Convert into a folder shared by the whole test session (a re-run is a no-op)."""
+    from rich.console import Console
+
+    from jobs.convert import run_conversion
+
+    out = tmp_path_factory.getbasetemp() / "converted" / name
+    if not (out / "manifest.parquet").exists():
+        run_conversion(corpus, str(out), inputs, params, num_workers=1, console=Console(quiet=True))
+    return out
+
+
+def panoptic_inputs(root: Path, annotations: Path | None = None) -> dict[str, str]:
+    """The real COCO panoptic sample's inputs (optionally with another annotation file)."""
+    return {
+        "images": str(root / "val2017"),
+        "annotations": str(annotations or root / "annotations" / "panoptic_val2017.json"),
+        "masks": str(root / "annotations" / "panoptic_val2017"),
     }

@@ -110,3 +110,14 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"xsam {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def panoptic(ray_session, corpora, tmp_path_factory) -> Path:
+    """The real COCO panoptic sample converted with the default parameters, shared by the session."""
+    from builders import convert_once, panoptic_inputs
+
+    from dataprep.convert import ConvertParams
+
+    inputs = panoptic_inputs(corpora / "coco_panoptic")
+    return convert_once(tmp_path_factory, "coco-panoptic", "coco-panoptic", inputs, ConvertParams())

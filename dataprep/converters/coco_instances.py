@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -119,7 +119,52 @@ def polygon_or_rle(seg: Any, height: int, width: int) -> tuple[RLE | None, str |
     return None, "invalid_annotation", f"segmentation is neither polygons nor RLE: {str(seg)[:120]}"
 
 
-class CocoInstances(Converter):
+class CocoJsonConverter(Converter):
+    """What the COCO-JSON converters share: the split name, the annotation file and its tables,
+    part-level quarantine rows and the record's `Source`."""
+
+    split_inputs: ClassVar[tuple[str, ...]] = ("annotations", "images")
+    fix: ClassVar[str] = ""
+
+    def _split(self) -> str:
+        split = self.inputs.get("split") or split_from_names(*(self.inputs.get(k) for k in self.split_inputs))
+        return split or "default"
+
+    def parameters(self) -> dict[str, Any]:
+        return {"split": self._split()}
+
+    def _load(self) -> tuple[dict[str, Any], dict[int, dict[str, Any]], dict[int, dict[str, Any]], list[QuarantineRow]]:
+        """Parse the annotation JSON: (document, category table, images by id, quarantine rows)."""
+        path = self.inputs["annotations"]
+        data, self._source = load_json_input(path, "annotations", self.fix)
+        require_keys(data, ["images", "annotations", "categories"], path, "annotations", self.fix)
+        self._categories = category_table(data["categories"], path, "annotations", self.fix)
+        images, rows = image_entries(data["images"], corpus=self.name, split=self._split(), source_file=self._source.name)
+        return data, self._categories, images, rows
+
+    def _plan(self, records: list[UpstreamRecord], rows: list[QuarantineRow]) -> Plan:
+        records.sort(key=lambda r: r.key)
+        cats = self._categories
+        return Plan(
+            records=records, quarantine=rows, inputs=[self._source],
+            categories=[cats[c] for c in sorted(cats)], splits=[self._split()],
+        )
+
+    def _part(self, upstream: UpstreamRecord, part_id: Any, reason: str, message: str) -> QuarantineRow:
+        return QuarantineRow(
+            level="part", source_file=self._source.name, record_id=upstream.record_id, part_id=str(part_id),
+            key=upstream.key, reason=reason, message=message,
+        )
+
+    def _record_source(self, upstream: UpstreamRecord) -> Source:
+        return Source(
+            corpus=self.name, split=upstream.payload["split"],
+            upstream_ids={"image_id": upstream.payload["image"]["id"]},
+            annotation_file=self._source.name, annotation_sha256=self._source.sha256,
+        )
+
+
+class CocoInstances(CocoJsonConverter):
     name = "coco-instances"
     task = "genseg"
     version = "1"
@@ -129,22 +174,12 @@ class CocoInstances(Converter):
     }
     optional_inputs = {"split": "split name for the record keys (default: from the file names, e.g. val2017)"}
     example = "xsam data convert coco-instances --out data/coco-instances --images val2017 --annotations annotations/instances_val2017.json"
-
-    def _split(self) -> str:
-        split = self.inputs.get("split") or split_from_names(self.inputs["annotations"], self.inputs["images"])
-        return split or "default"
-
-    def parameters(self) -> dict[str, Any]:
-        return {"split": self._split()}
+    fix = FIX_INSTANCES
 
     def plan(self) -> Plan:
-        path = self.inputs["annotations"]
-        data, input_file = load_json_input(path, "annotations", FIX_INSTANCES)
-        require_keys(data, ["images", "annotations", "categories"], path, "annotations", FIX_INSTANCES)
-        cats = category_table(data["categories"], path, "annotations", FIX_INSTANCES)
+        data, _, images, rows = self._load()
         split = self._split()
-        source_file = input_file.name
-        images, rows = image_entries(data["images"], corpus=self.name, split=split, source_file=source_file)
+        source_file = self._source.name
 
         anns_by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
         seen_ann: set[Any] = set()
@@ -184,16 +219,7 @@ class CocoInstances(Converter):
                     payload={"image": img, "annotations": anns_by_image.get(image_id, []), "split": split},
                 )
             )
-        records.sort(key=lambda r: r.key)
-        self._categories = cats
-        self._source = input_file
-        return Plan(
-            records=records,
-            quarantine=rows,
-            inputs=[input_file],
-            categories=[cats[c] for c in sorted(cats)],
-            splits=[split],
-        )
+        return self._plan(records, rows)
 
     def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
         img = upstream.payload["image"]
@@ -201,16 +227,10 @@ class CocoInstances(Converter):
         expect = (img.get("height"), img.get("width"))
         image = image_model(data, info, img["file_name"], expect if None not in expect else None)
         h, w = image.height, image.width
-        source_file = self._source.name
         parts: list[QuarantineRow] = []
 
         def part(ann_id: Any, reason: str, message: str) -> None:
-            parts.append(
-                QuarantineRow(
-                    level="part", source_file=source_file, record_id=upstream.record_id, part_id=str(ann_id),
-                    key=upstream.key, reason=reason, message=message,
-                )
-            )
+            parts.append(self._part(upstream, ann_id, reason, message))
 
         segments: list[Segment] = []
         crowd: list[RLE] = []
@@ -250,10 +270,7 @@ class CocoInstances(Converter):
         record = Record(
             key=upstream.key,
             task=self.task,
-            source=Source(
-                corpus=self.name, split=upstream.payload["split"], upstream_ids={"image_id": img["id"]},
-                annotation_file=source_file, annotation_sha256=self._source.sha256,
-            ),
+            source=self._record_source(upstream),
             image=image,
             segments=segments,
             ignore=masks.union(crowd, h, w) if crowd else None,

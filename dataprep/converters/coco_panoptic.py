@@ -17,27 +17,24 @@ import numpy as np
 from dataprep.converters.base import (
     Converted,
     ConvertOptions,
-    Converter,
     Plan,
     UpstreamRecord,
     cached_tree,
     estimate_bytes,
     image_model,
-    load_json_input,
     read_image,
-    require_keys,
 )
-from dataprep.converters.coco_instances import category_table, id_map_from_rgb, image_entries, split_from_names
+from dataprep.converters.coco_instances import CocoJsonConverter, id_map_from_rgb
 from dataprep.imagecheck import decode_png_array
 from dataprep.quarantine import QuarantineRow, RecordRejected
 from dataprep.sources import open_tree
 from xsam.data import masks
-from xsam.data.schema import Record, Segment, Source, make_key
+from xsam.data.schema import Record, Segment, make_key
 
 FIX_PANOPTIC = "pass a COCO panoptic file such as annotations/panoptic_val2017.json"
 
 
-class CocoPanoptic(Converter):
+class CocoPanoptic(CocoJsonConverter):
     name = "coco-panoptic"
     task = "genseg"
     version = "1"
@@ -51,24 +48,13 @@ class CocoPanoptic(Converter):
         "xsam data convert coco-panoptic --out data/coco-panoptic --images val2017 "
         "--annotations annotations/panoptic_val2017.json --masks annotations/panoptic_val2017.zip"
     )
-
-    def _split(self) -> str:
-        split = self.inputs.get("split") or split_from_names(
-            self.inputs["annotations"], self.inputs["masks"], self.inputs["images"]
-        )
-        return split or "default"
-
-    def parameters(self) -> dict[str, Any]:
-        return {"split": self._split()}
+    split_inputs = ("annotations", "masks", "images")
+    fix = FIX_PANOPTIC
 
     def plan(self) -> Plan:
-        path = self.inputs["annotations"]
-        data, input_file = load_json_input(path, "annotations", FIX_PANOPTIC)
-        require_keys(data, ["images", "annotations", "categories"], path, "annotations", FIX_PANOPTIC)
-        cats = category_table(data["categories"], path, "annotations", FIX_PANOPTIC)
+        data, _, images, rows = self._load()
         split = self._split()
-        source_file = input_file.name
-        images, rows = image_entries(data["images"], corpus=self.name, split=split, source_file=source_file)
+        source_file = self._source.name
 
         ann_by_image: dict[int, dict[str, Any]] = {}
         for i, ann in enumerate(data["annotations"]):
@@ -131,16 +117,7 @@ class CocoPanoptic(Converter):
                     payload={"image": img, "annotation": ann, "split": split},
                 )
             )
-        records.sort(key=lambda r: r.key)
-        self._categories = cats
-        self._source = input_file
-        return Plan(
-            records=records,
-            quarantine=rows,
-            inputs=[input_file],
-            categories=[cats[c] for c in sorted(cats)],
-            splits=[split],
-        )
+        return self._plan(records, rows)
 
     def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
         img = upstream.payload["image"]
@@ -158,16 +135,10 @@ class CocoPanoptic(Converter):
                 f"panoptic PNG {ann['file_name']} is {ids.shape[1]}x{ids.shape[0]} but image "
                 f"{img['file_name']} is {w}x{h}; the PNG belongs to another image or release",
             )
-        source_file = self._source.name
         parts: list[QuarantineRow] = []
 
         def part(seg_id: Any, reason: str, message: str) -> None:
-            parts.append(
-                QuarantineRow(
-                    level="part", source_file=source_file, record_id=upstream.record_id, part_id=str(seg_id),
-                    key=upstream.key, reason=reason, message=message,
-                )
-            )
+            parts.append(self._part(upstream, seg_id, reason, message))
 
         present = set(np.unique(ids).tolist())
         listed: set[int] = set()
@@ -218,10 +189,7 @@ class CocoPanoptic(Converter):
         record = Record(
             key=upstream.key,
             task=self.task,
-            source=Source(
-                corpus=self.name, split=upstream.payload["split"], upstream_ids={"image_id": img["id"]},
-                annotation_file=source_file, annotation_sha256=self._source.sha256,
-            ),
+            source=self._record_source(upstream),
             image=image,
             segments=segments,
             ignore=masks.encode(ignore) if ignore.any() else None,

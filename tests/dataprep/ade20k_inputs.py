@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from conftest import (
+    CORPORA,  # ../shared/corpora, or the shipped copy in examples/corpora
+)
 from PIL import Image as PILImage
-
-from conftest import CORPORA  # ../shared/corpora, or the shipped copy in examples/corpora
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = REPO / "dataprep" / "data" / "ade20k"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ade20k_inputs import (
     AdeTruth,
     class_names,
@@ -25,6 +24,7 @@ from ade20k_inputs import (
     reference_panoptic,
     write_release,
 )
+
 from dataprep.convert import ConvertParams
 from dataprep.converters import get_converter
 from dataprep.converters.ade20k import Ade20k, semantic_label_map

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from builders import convert_once, panoptic_inputs
 from typer.testing import CliRunner
 
 from dataprep.convert import ConvertParams
@@ -20,28 +20,9 @@ NEW_KEY = "coco-panoptic-val2017-000000900001"
 runner = CliRunner()
 
 
-def convert_once(tmp_path_factory, name: str, corpus: str, inputs: dict, params: ConvertParams) -> Path:
-    """Convert into a folder shared by the whole test session (a re-run is a no-op)."""
-    from jobs.convert import run_conversion
-
-    out = tmp_path_factory.getbasetemp() / "converted" / name
-    if not (out / "manifest.parquet").exists():
-        run_conversion(corpus, str(out), inputs, params, num_workers=1, console=Console(quiet=True))
-    return out
-
-
-def panoptic_inputs(root: Path, annotations: Path | None = None) -> dict[str, str]:
-    return {
-        "images": str(root / "val2017"),
-        "annotations": str(annotations or root / "annotations" / "panoptic_val2017.json"),
-        "masks": str(root / "annotations" / "panoptic_val2017"),
-    }
-
-
 @pytest.fixture(scope="module")
-def old(ray_session, corpora, tmp_path_factory) -> Path:
-    inputs = panoptic_inputs(corpora / "coco_panoptic")
-    return convert_once(tmp_path_factory, "coco-panoptic", "coco-panoptic", inputs, ConvertParams())
+def old(panoptic) -> Path:
+    return panoptic
 
 
 @pytest.fixture(scope="module")

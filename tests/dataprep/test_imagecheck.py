@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    CORPORA,  # ../shared/corpora, or the shipped copy in examples/corpora
+)
 from PIL import Image
 
 from dataprep.imagecheck import (
@@ -24,7 +27,6 @@ from dataprep.imagecheck import (
 )
 from dataprep.quarantine import RecordRejected
 
-from conftest import CORPORA  # ../shared/corpora, or the shipped copy in examples/corpora
 JPEG = CORPORA / "coco_panoptic/val2017/000000439180.jpg"  # 640x360, baseline
 PNG = CORPORA / "coco_instances_polygons/val2017/000000039769.png"  # 640x480 RGB
 PANOPTIC_PNG = CORPORA / "coco_panoptic/annotations/panoptic_val2017/000000439180.png"

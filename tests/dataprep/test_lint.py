@@ -12,14 +12,19 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+from conftest import run_cli
 from pycocotools import mask as mask_utils
-from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import run_cli
-from dataprep.convert import ConvertParams
 from dataprep.lint import check_rle, lint_dataset, rle_counts
-from dataprep.manifest import INDEX, INDEX_SCHEMA, MANIFEST, MANIFEST_SCHEMA, parquet_bytes, read_parquet
+from dataprep.manifest import (
+    INDEX,
+    INDEX_SCHEMA,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    parquet_bytes,
+    read_parquet,
+)
 from dataprep.shard_writer import ShardEntry, canonical_json, iter_shard, write_shard
 from dataprep.storage import open_storage
 from pipelines.cli import app
@@ -30,25 +35,8 @@ SHARD = "shards/shard-000000-00.tar"
 runner = CliRunner()
 
 
-def convert_once(tmp_path_factory, name: str, corpus: str, inputs: dict, params: ConvertParams) -> Path:
-    """Convert into a folder shared by the whole test session (a re-run is a no-op)."""
-    from jobs.convert import run_conversion
-
-    out = tmp_path_factory.getbasetemp() / "converted" / name
-    if not (out / "manifest.parquet").exists():
-        run_conversion(corpus, str(out), inputs, params, num_workers=1, console=Console(quiet=True))
-    return out
 
 
-@pytest.fixture(scope="module")
-def panoptic(ray_session, corpora, tmp_path_factory) -> Path:
-    root = corpora / "coco_panoptic"
-    inputs = {
-        "images": str(root / "val2017"),
-        "annotations": str(root / "annotations" / "panoptic_val2017.json"),
-        "masks": str(root / "annotations" / "panoptic_val2017"),
-    }
-    return convert_once(tmp_path_factory, "coco-panoptic", "coco-panoptic", inputs, ConvertParams())
 
 
 @pytest.fixture()

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
-from rich.console import Console
 from typer.testing import CliRunner
 
-from dataprep.convert import ConvertParams
 from dataprep.preview import (
     MASK_ALPHA,
     PreviewError,
@@ -28,25 +24,8 @@ KEY = "coco-panoptic-val2017-000000439180"
 runner = CliRunner()
 
 
-def convert_once(tmp_path_factory, name: str, corpus: str, inputs: dict, params: ConvertParams) -> Path:
-    """Convert into a folder shared by the whole test session (a re-run is a no-op)."""
-    from jobs.convert import run_conversion
-
-    out = tmp_path_factory.getbasetemp() / "converted" / name
-    if not (out / "manifest.parquet").exists():
-        run_conversion(corpus, str(out), inputs, params, num_workers=1, console=Console(quiet=True))
-    return out
 
 
-@pytest.fixture(scope="module")
-def panoptic(ray_session, corpora, tmp_path_factory) -> Path:
-    root = corpora / "coco_panoptic"
-    inputs = {
-        "images": str(root / "val2017"),
-        "annotations": str(root / "annotations" / "panoptic_val2017.json"),
-        "masks": str(root / "annotations" / "panoptic_val2017"),
-    }
-    return convert_once(tmp_path_factory, "coco-panoptic", "coco-panoptic", inputs, ConvertParams())
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import tarfile
 import zlib
 
 import pytest
+from builders import build_instances, build_panoptic, load_json
 from PIL import Image as PILImage
 
-from builders import build_instances, build_panoptic, load_json
 from dataprep.convert import ConvertParams
 from dataprep.manifest import INDEX, QUARANTINE, read_parquet
 from dataprep.storage import open_storage

@@ -10,6 +10,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import (
+    CORPORA,  # ../shared/corpora, or the shipped copy in examples/corpora
+)
 
 from dataprep.quarantine import InputError, RecordRejected
 from dataprep.sources import (
@@ -22,7 +25,6 @@ from dataprep.sources import (
     open_tree,
 )
 
-from conftest import CORPORA  # ../shared/corpora, or the shipped copy in examples/corpora
 JPEG = CORPORA / "coco_panoptic/val2017/000000439180.jpg"
 PNG = CORPORA / "coco_instances_polygons/val2017/000000039769.png"
 MASK = CORPORA / "coco_panoptic/annotations/panoptic_val2017/000000439180.png"

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import build_panoptic, dataset_files
 from PIL import Image as PILImage
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-from builders import build_panoptic, dataset_files
 from dataprep.convert import ConvertParams, prepare, run_unit
 from dataprep.converters import get_converter
 from dataprep.manifest import INDEX, MANIFEST, read_parquet, version_id
@@ -34,8 +34,7 @@ from dataprep.shard_writer import iter_shard
 from dataprep.storage import open_storage
 from pipelines.cli import app
 from xsam.data import masks
-from xsam.data.render import load_templates, render_record
-from xsam.data.render import Category
+from xsam.data.render import Category, load_templates, render_record
 from xsam.data.schema import ShardSample
 
 runner = CliRunner()

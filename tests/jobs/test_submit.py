@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from builders import build_panoptic, dataset_files
 from conftest import run_cli
 from raycluster import LocalRayCluster

@@ -7,14 +7,16 @@ the other tasks, whose converters come later, on small hand-built records.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from PIL import Image as PILImage
+from builders import panoptic_sample_record
+from conftest import (
+    CORPORA,  # ../shared/corpora, or the shipped copy in examples/corpora
+)
 
 from xsam.data import masks
 from xsam.data.render import (
@@ -28,9 +30,17 @@ from xsam.data.render import (
     resolve_mode,
     rng_for,
 )
-from xsam.data.schema import ChatTurn, Image, Item, Record, Segment, Source, VisualPrompt, make_key
+from xsam.data.schema import (
+    ChatTurn,
+    Image,
+    Item,
+    Record,
+    Segment,
+    Source,
+    VisualPrompt,
+    make_key,
+)
 
-from conftest import CORPORA  # ../shared/corpora, or the shipped copy in examples/corpora
 COCO_PANOPTIC = CORPORA / "coco_panoptic"
 PACKAGED = Path(__file__).resolve().parents[3] / "xsam" / "data" / "templates.yaml"
 SPAN = re.compile(r"<p>(.*?)</p>")
@@ -41,48 +51,7 @@ SPAN = re.compile(r"<p>(.*?)</p>")
 
 def coco_panoptic_record() -> tuple[Record, list[Category]]:
     """The real COCO panoptic val2017 image 439180 as a genseg Record, plus the 133-category table."""
-    ann_path = COCO_PANOPTIC / "annotations" / "panoptic_val2017.json"
-    doc = json.loads(ann_path.read_bytes())
-    (info,), (ann,) = doc["images"], doc["annotations"]
-    cats = {c["id"]: c for c in doc["categories"]}
-    png = PILImage.open(COCO_PANOPTIC / "annotations" / "panoptic_val2017" / ann["file_name"]).convert("RGB")
-    rgb = np.asarray(png, dtype=np.uint32)
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]  # panoptic id = R + 256 G + 256^2 B
-    segments = [
-        Segment(
-            id=s["id"],
-            rle=masks.encode(ids == s["id"]),
-            category_id=s["category_id"],
-            category_name=cats[s["category_id"]]["name"],
-            isthing=bool(cats[s["category_id"]]["isthing"]),
-            iscrowd=bool(s["iscrowd"]),
-            bbox=tuple(float(v) for v in s["bbox"]),
-            area=float(s["area"]),
-        )
-        for s in ann["segments_info"]
-    ]
-    jpg = (COCO_PANOPTIC / "val2017" / info["file_name"]).read_bytes()
-    record = Record(
-        key=make_key("coco-panoptic", "val2017", info["id"]),
-        task="genseg",
-        source=Source(
-            corpus="coco-panoptic",
-            split="val2017",
-            upstream_ids={"image_id": info["id"]},
-            annotation_file=ann_path.name,
-            annotation_sha256=hashlib.sha256(ann_path.read_bytes()).hexdigest(),
-        ),
-        image=Image(
-            ext="jpg",
-            sha256=hashlib.sha256(jpg).hexdigest(),
-            bytes=len(jpg),
-            width=info["width"],
-            height=info["height"],
-            file_name=info["file_name"],
-        ),
-        segments=segments,
-        ignore=masks.encode(ids == 0),
-    )
+    record, _, doc = panoptic_sample_record(CORPORA)
     vocabulary = [Category(id=c["id"], name=c["name"], isthing=bool(c["isthing"])) for c in doc["categories"]]
     return record, vocabulary
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 import pytest
-from PIL import Image as PILImage
+from builders import panoptic_sample_record
+from conftest import (
+    CORPORA,  # ../shared/corpora, or the shipped copy in examples/corpora
+)
 
 from xsam.data import masks
-from xsam.data.schema import Image, Record, Segment, Source, make_key
+from xsam.data.schema import Record
 from xsam.data.views import instance_view, semantic_map, semantic_view
-
-from conftest import CORPORA  # ../shared/corpora, or the shipped copy in examples/corpora
 
 COCO_PANOPTIC = CORPORA / "coco_panoptic"
 
@@ -21,48 +19,8 @@ COCO_PANOPTIC = CORPORA / "coco_panoptic"
 @pytest.fixture(scope="module")
 def panoptic() -> tuple[Record, np.ndarray, dict[int, dict]]:
     """(genseg Record, panoptic id map, category table) of the real COCO panoptic sample."""
-    ann_path = COCO_PANOPTIC / "annotations" / "panoptic_val2017.json"
-    doc = json.loads(ann_path.read_bytes())
-    (info,), (ann,) = doc["images"], doc["annotations"]
+    record, ids, doc = panoptic_sample_record(CORPORA)
     cats = {c["id"]: c for c in doc["categories"]}
-    png = PILImage.open(COCO_PANOPTIC / "annotations" / "panoptic_val2017" / ann["file_name"]).convert("RGB")
-    rgb = np.asarray(png, dtype=np.uint32)
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]  # panoptic id = R + 256 G + 256^2 B
-    segments = [
-        Segment(
-            id=s["id"],
-            rle=masks.encode(ids == s["id"]),
-            category_id=s["category_id"],
-            category_name=cats[s["category_id"]]["name"],
-            isthing=bool(cats[s["category_id"]]["isthing"]),
-            iscrowd=bool(s["iscrowd"]),
-            bbox=tuple(float(v) for v in s["bbox"]),
-            area=float(s["area"]),
-        )
-        for s in ann["segments_info"]
-    ]
-    jpg = (COCO_PANOPTIC / "val2017" / info["file_name"]).read_bytes()
-    record = Record(
-        key=make_key("coco-panoptic", "val2017", info["id"]),
-        task="genseg",
-        source=Source(
-            corpus="coco-panoptic",
-            split="val2017",
-            upstream_ids={"image_id": info["id"]},
-            annotation_file=ann_path.name,
-            annotation_sha256=hashlib.sha256(ann_path.read_bytes()).hexdigest(),
-        ),
-        image=Image(
-            ext="jpg",
-            sha256=hashlib.sha256(jpg).hexdigest(),
-            bytes=len(jpg),
-            width=info["width"],
-            height=info["height"],
-            file_name=info["file_name"],
-        ),
-        segments=segments,
-        ignore=masks.encode(ids == 0),  # void pixels
-    )
     return record, ids, cats
 
 
