@@ -148,7 +148,9 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
 @app.command("lint")
 def lint(
     dataset: str = typer.Argument(..., help="dataset folder or s3://bucket/prefix"),
-    verify: str = typer.Option("structural", help="image check: structural (cheap) or full (decode every image)"),
+    verify: str = typer.Option(
+        "full", help="full (default: decode every image and mask) or structural (markers/CRCs/run sums only)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (the report)"),
 ) -> None:
     """Re-read every shard and check it against the manifest, the index and dataset.json.
