@@ -364,3 +364,25 @@ def test_list_corpora_names_inputs():
     output = cli("data", "list-corpora")
     for text in ("coco-panoptic", "coco-instances", "ade20k", "--annotations", "--masks", "--root"):
         assert text in output, text
+
+
+def test_templates_file_replaces_the_packaged_one(ray_session, corpora, tmp_path):
+    import hashlib
+
+    from xsam.data.render import load_templates
+
+    packaged = Path(load_templates().source).read_text()
+    custom = tmp_path / "templates.yaml"
+    custom.write_text(packaged.replace("Can you segment the image based on the following categories:",
+                                       "Find these in the picture:"))
+    src = corpora / "coco_panoptic"
+    inputs = {
+        "images": src / "val2017",
+        "annotations": src / "annotations" / "panoptic_val2017.json",
+        "masks": src / "annotations" / "panoptic_val2017",
+    }
+    cli(*convert_args("coco-panoptic", tmp_path / "out", inputs, "--templates", str(custom)))
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["parameters"]["templates_sha256"] == hashlib.sha256(custom.read_bytes()).hexdigest()
+    (sample, _), = read_samples(tmp_path / "out").values()
+    assert sample.items[0].turns[0].text.startswith("<image>\nFind these in the picture: <p>")
