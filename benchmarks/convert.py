@@ -320,10 +320,6 @@ def cpu_pass(case: Case, prepared: Any, units: int, scratch: Path) -> tuple[floa
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-
-    from dataprep.convert import ConvertParams
-
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="xsam-bench-"))
     if root.exists() and any(root.iterdir()):
         if not (root / ".xsam-bench").exists():
@@ -331,6 +327,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / ".xsam-bench").touch()
+    try:
+        return _run(args, root)
+    finally:
+        # the default temporary folder goes entirely; a given --out keeps its inputs for a look
+        shutil.rmtree(root if args.out is None else root / "runs", ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    import ray
+
+    from dataprep.convert import ConvertParams
+
     runs = root / "runs"
     started = time.perf_counter()
     load_start, ticks_start = loadavg(), cpu_ticks()
@@ -341,7 +349,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = {v: ConvertParams(shard_max_samples=args.shard_samples, verify=v) for v in verifies}
     warm_params = {v: ConvertParams(shard_max_samples=2, verify=v) for v in verifies}
     cases = build_cases(root / "inputs", args.sizes, CORPORA)
-    prepared = {(c.name, v): plan(c, params[v], root / "scratch" / f"plan-{c.name}-{v}") for c in cases for v in verifies}
+    scratch = root / "scratch"
+    prepared = {(c.name, v): plan(c, params[v], scratch / f"plan-{c.name}-{v}") for c in cases for v in verifies}
     log(f"inputs built in {time.perf_counter() - started:.1f} s")
     rows: dict[tuple[str, int, str], Row] = {}
 
@@ -352,11 +361,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.cpu_units:
         for case in cases:  # warm-up: imports, caches
             for verify in verifies:
-                cpu_pass(case, prepared[(case.name, verify)], 1, root / "scratch")
+                cpu_pass(case, prepared[(case.name, verify)], 1, scratch)
         for r in range(args.repeats):
             for case in cases:
                 for verify in verifies:
-                    copy_cpu, convert_cpu, n = cpu_pass(case, prepared[(case.name, verify)], args.cpu_units, root / "scratch")
+                    copy_cpu, convert_cpu, n = cpu_pass(case, prepared[(case.name, verify)], args.cpu_units, scratch)
                     row = row_for(case, 0, verify)
                     row.records = n
                     row.copy_s.append(copy_cpu)
@@ -428,7 +437,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "records": c.records,
                 "units": len(c.groups),
                 "image_mb": c.image_bytes / 1e6,
-                "plain_copy_sps": statistics.median(c.records / s for s in plain_s[c.name]) if plain_s[c.name] else None,
+                "plain_copy_sps": (
+                    statistics.median(c.records / s for s in plain_s[c.name]) if plain_s[c.name] else None
+                ),
             }
             for c in cases
         },
@@ -436,10 +447,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_s": time.perf_counter() - started,
         "load": {"start": load_start, "end": loadavg(), "busy": busy_share(ticks_start, cpu_ticks())},
     }
-    if args.out is None:
-        shutil.rmtree(root, ignore_errors=True)
-    else:
-        shutil.rmtree(runs, ignore_errors=True)
     return result
 
 
@@ -483,7 +490,7 @@ def targets_met(row: dict[str, Any]) -> bool:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    a, m = result["args"], result["machine"]
+    a, m, busy = result["args"], result["machine"], result["load"]["busy"]
     sizes = ", ".join(f"{name} {c['records']}" for name, c in result["cases"].items())
     lines = [
         f"Run: `--records {a['records']} --panoptic-records {a['panoptic_records']} --repeats {a['repeats']} "
@@ -491,7 +498,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', '.join(map(str, a['workers']))}); {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, "
         f"Ray {m['ray']}, pyarrow {m['pyarrow']}; whole run {result['total_s']:.0f} s; load average "
         f"{result['load']['start']} at the start, {result['load']['end']} at the end"
-        + (f", CPUs {100 * result['load']['busy']:.0f}% busy during the run." if result["load"]["busy"] is not None else "."),
+        + (f", CPUs {100 * busy:.0f}% busy during the run." if busy is not None else "."),
         "",
         "Wall clock, Ray (`run_conversion` vs the Ray copy floor, same workers, same shard grouping):",
         "",
@@ -532,7 +539,8 @@ def markdown(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| corpus | records | units (= shards) | image MB | plain copy samples/s (1 process, no Ray) | plain copy MB/s |",
+        "| corpus | records | units (= shards) | image MB | plain copy samples/s (1 process, no Ray) "
+        "| plain copy MB/s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, c in result["cases"].items():
@@ -540,7 +548,8 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         mbps = c["plain_copy_sps"] * c["image_mb"] / c["records"]
         lines.append(
-            f"| {name} | {c['records']} | {c['units']} | {c['image_mb']:.0f} | {c['plain_copy_sps']:,.0f} | {mbps:,.0f} |"
+            f"| {name} | {c['records']} | {c['units']} | {c['image_mb']:.0f} | {c['plain_copy_sps']:,.0f} "
+            f"| {mbps:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -622,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - {"instances-jpeg", "panoptic"})
     if unknown:
         parser.error(f"--cases: unknown {unknown}; known: instances-jpeg, panoptic")
-    if min([args.records, args.panoptic_records, args.repeats, args.shard_samples, *args.workers]) < 1 or args.cpu_units < 0:
+    counts = [args.records, args.panoptic_records, args.repeats, args.shard_samples, *args.workers]
+    if min(counts) < 1 or args.cpu_units < 0:
         parser.error("--records, --panoptic-records, --repeats, --shard-samples, --workers must be >= 1")
     args.sizes = {name: args.panoptic_records if name == "panoptic" else args.records for name in names}
     if args.profile:
