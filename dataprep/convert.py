@@ -40,6 +40,7 @@ from dataprep.manifest import (
 )
 from dataprep.quarantine import InputError, QuarantineRow, Rejected
 from dataprep.shard_writer import ShardEntry, canonical_json, tar_overhead, write_shard_file
+from dataprep.shard_writer import sample_json as shard_sample_json
 from dataprep.storage import Storage
 from xsam.data.render import Category, RenderOptions, load_templates, render_record
 from xsam.data.schema import SCHEMA_VERSION, ShardSample
@@ -203,7 +204,7 @@ def run_unit(
         try:
             converted = converter.convert(up, options)
             items = render_record(converted.record, seed=0, epoch=0, templates=templates, vocabulary=vocabulary)
-            sample_json = canonical_json(ShardSample(record=converted.record, items=items))
+            sample_json = shard_sample_json(ShardSample(record=converted.record, items=items))
         except Rejected as err:
             quarantine.append(_record_row(converter, up, err.reason, err.message))
             continue

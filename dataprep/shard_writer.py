@@ -31,6 +31,35 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def sample_json(sample: BaseModel) -> bytes:
+    """The `KEY.json` member: pydantic's own JSON of the `ShardSample`, keys in schema field order.
+
+    Deterministic for a given schema version (field order is the schema's, dict keys keep the
+    converters' deterministic insertion order) and ~4x faster than sorting keys through `json`.
+    """
+    return sample.model_dump_json(by_alias=True).encode("utf-8")
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through (no read-back of the shard)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+
 @dataclass(kw_only=True, slots=True)
 class ShardEntry:
     """One record's members, ready to write."""
@@ -84,12 +113,11 @@ def write_shard(stream: BinaryIO, entries: list[ShardEntry]) -> None:
 def write_shard_file(path: Path, entries: list[ShardEntry]) -> tuple[str, int]:
     """Write a shard to `path`; returns (sha256, bytes)."""
     with open(path, "wb") as f:
-        write_shard(f, entries)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest(), path.stat().st_size
+        writer = _HashingWriter(f)
+        write_shard(writer, entries)  # type: ignore[arg-type]
+    if writer.size != path.stat().st_size:
+        raise OSError(f"shard {path} has {path.stat().st_size} bytes on disk, {writer.size} were written")
+    return writer.digest.hexdigest(), writer.size
 
 
 def iter_shard(stream: BinaryIO) -> "list[tuple[str, dict[str, bytes]]]":

@@ -280,8 +280,10 @@ class CocoInstances(CocoJsonConverter):
 
 
 def id_map_from_rgb(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG -> segment id map: id = R + 256 * G + 256^2 * B."""
+    """COCO panoptic PNG -> segment id map: id = R + 256 * G + 256^2 * B (uint32)."""
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise RecordRejected("corrupt_image", f"panoptic PNG must be RGB, got array shape {rgb.shape}")
-    rgb = rgb[..., :3].astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+    # the bytes R, G, B, 0 read as one little-endian uint32 are exactly R + 256 G + 256^2 B
+    rgbx = np.zeros(rgb.shape[:2] + (4,), dtype=np.uint8)
+    rgbx[..., :3] = rgb[..., :3]
+    return rgbx.view("<u4")[..., 0]

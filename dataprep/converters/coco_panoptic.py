@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
 from dataprep.converters.base import (
     Converted,
@@ -140,11 +139,10 @@ class CocoPanoptic(CocoJsonConverter):
         def part(seg_id: Any, reason: str, message: str) -> None:
             parts.append(self._part(upstream, seg_id, reason, message))
 
-        present = set(np.unique(ids).tolist())
+        present = masks.label_values(ids)
         listed: set[int] = set()
-        ignore = ids == 0
-        segments: list[Segment] = []
-        names: list[str] = []
+        ignore_ids = [0]  # void
+        kept: list[tuple[int, dict[str, Any], dict[str, Any]]] = []  # (segment id, entry, category)
         for info_entry in sorted(ann["segments_info"], key=lambda s: (str(type(s.get("id"))), s.get("id"))):
             seg_id = info_entry.get("id") if isinstance(info_entry, dict) else None
             if not isinstance(seg_id, int):
@@ -155,36 +153,42 @@ class CocoPanoptic(CocoJsonConverter):
                 continue
             listed.add(seg_id)
             cat = self._categories.get(info_entry.get("category_id"))  # type: ignore[arg-type]
-            mask = ids == seg_id
             if cat is None:
                 part(seg_id, "unknown_category", f"category_id {info_entry.get('category_id')!r} is not in `categories`")
-                ignore |= mask
+                ignore_ids.append(seg_id)
                 continue
             if seg_id not in present:
                 part(seg_id, "empty_mask", f"segment id {seg_id} does not occur in {ann['file_name']}")
                 continue
-            rle = masks.encode(mask)
-            iscrowd = bool(info_entry.get("iscrowd", 0))
-            if iscrowd:
-                ignore |= mask
+            if info_entry.get("iscrowd", 0):
+                ignore_ids.append(seg_id)
+            kept.append((seg_id, info_entry, cat))
+        for seg_id in sorted(present - listed - {0}):
+            part(seg_id, "unlisted_segment", f"{ann['file_name']} holds segment id {seg_id}, which segments_info lacks; its pixels are ignored")
+            ignore_ids.append(seg_id)
+
+        # every mask from one run-length pass over the id map (byte-equal to encoding each mask)
+        rles = masks.encode_labels(ids, {**{seg_id: [seg_id] for seg_id, _, _ in kept}, "ignore": ignore_ids})
+        segments: list[Segment] = []
+        names: list[str] = []
+        for seg_id, info_entry, cat in kept:
+            rle = rles[seg_id]
             bbox = info_entry.get("bbox")
             if not (isinstance(bbox, list) and len(bbox) == 4):
                 bbox = list(masks.bbox(rle))
             area = info_entry.get("area")
             if not isinstance(area, (int, float)):
-                area = int(mask.sum())
+                area = masks.area(rle)
             if cat["name"] not in names:
                 names.append(cat["name"])
             segments.append(
                 Segment(
                     id=seg_id, rle=rle, category_id=cat["id"], category_name=cat["name"], isthing=cat["isthing"],
-                    iscrowd=iscrowd, bbox=tuple(float(v) for v in bbox), area=float(area),
+                    iscrowd=bool(info_entry.get("iscrowd", 0)), bbox=tuple(float(v) for v in bbox), area=float(area),
                     phrase_index=names.index(cat["name"]),
                 )
             )
-        for seg_id in sorted(present - listed - {0}):
-            part(seg_id, "unlisted_segment", f"{ann['file_name']} holds segment id {seg_id}, which segments_info lacks; its pixels are ignored")
-            ignore |= ids == seg_id
+        ignore = rles["ignore"]
 
         record = Record(
             key=upstream.key,
@@ -192,7 +196,7 @@ class CocoPanoptic(CocoJsonConverter):
             source=self._record_source(upstream),
             image=image,
             segments=segments,
-            ignore=masks.encode(ignore) if ignore.any() else None,
+            ignore=ignore if masks.area(ignore) else None,
             phrases=names,
             meta={"panoptic_file_name": ann["file_name"]},
         )

@@ -36,6 +36,7 @@ answer turn holds one `<SEG>`, whose targets are classified by span index. No LL
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -147,12 +148,20 @@ class Templates:
 
 
 def load_templates(path: str | Path | None = None) -> Templates:
-    """Load and validate a templates file (None: the packaged `xsam/data/templates.yaml`)."""
+    """Load and validate a templates file (None: the packaged `xsam/data/templates.yaml`).
+
+    Parsed once per file content and process (a conversion renders every record with it).
+    """
     if path is None:
         ref = resources.files("xsam.data").joinpath("templates.yaml")
         data, source = ref.read_bytes(), str(ref)
     else:
         data, source = Path(path).read_bytes(), str(path)
+    return _templates_from_bytes(data, source)
+
+
+@functools.lru_cache(maxsize=8)
+def _templates_from_bytes(data: bytes, source: str) -> Templates:
     try:
         doc = yaml.safe_load(data)
     except yaml.YAMLError as exc:
@@ -312,6 +321,7 @@ def resolve_mode(record: Record, options: RenderOptions) -> Mode:
 _NAME_SUFFIXES = ("-merged", "-other", "-stuff")
 
 
+@functools.lru_cache(maxsize=4096)
 def clean_category_name(name: str) -> str:
     """A category name as genseg/ovseg prompts show it (`tag_categories`, spec §1.3).
 
@@ -470,7 +480,9 @@ def _render_genseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
         Turn(role="assistant", text=answer.format()),
     ]
     seg = SegAnswer(turn=1, targets=[SegTarget(segment=i, span=span_of[s.category_id]) for i, s in targets])
-    return [ctx.item(0, turns, [Span(turn=0, category_id=c.id) for c in cats], [seg], [question.id, answer.id])]
+    # spans are built without re-validation: 133 per record, their fields are ints we just made
+    spans = [Span.model_construct(turn=0, category_id=c.id) for c in cats]
+    return [ctx.item(0, turns, spans, [seg], [question.id, answer.id])]
 
 
 def _phrase_segments(ctx: _Ctx, *, default_all: bool = False) -> list[list[int]]:
