@@ -103,7 +103,24 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def write_shard(stream: BinaryIO, entries: list[ShardEntry]) -> None:
-    """Write `entries` (any order; written sorted by key) as one tar to `stream`."""
+    """Write `entries` (any order; written sorted by key) as one tar to `stream`.
+
+    The bytes are exactly what `tarfile.open(mode="w", format=GNU_FORMAT)` + `addfile` write (the
+    headers come from `TarInfo.tobuf`; a test compares both), without tarfile's 16 KiB copy loop.
+    """
+    for entry in sorted(entries, key=lambda e: e.key):
+        for name, data in entry.members():
+            stream.write(_tarinfo(name, len(data)).tobuf(TAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+            stream.write(data)
+            if len(data) % BLOCK:
+                stream.write(bytes(BLOCK - len(data) % BLOCK))
+    written = stream.tell()
+    end = written + 2 * BLOCK  # end-of-archive marker, then padding to a whole record
+    stream.write(bytes(2 * BLOCK + (-end) % tarfile.RECORDSIZE))
+
+
+def write_shard_tarfile(stream: BinaryIO, entries: list[ShardEntry]) -> None:
+    """The same shard through `tarfile` itself: the reference `write_shard` is checked against."""
     with tarfile.open(fileobj=stream, mode="w", format=TAR_FORMAT) as tar:
         for entry in sorted(entries, key=lambda e: e.key):
             for name, data in entry.members():

@@ -322,6 +322,13 @@ _NAME_SUFFIXES = ("-merged", "-other", "-stuff")
 
 
 @functools.lru_cache(maxsize=4096)
+def _category_span(category_id: int) -> Span:
+    """The (immutable in practice, shared) span of a genseg/ovseg category in the question turn:
+    a record lists the whole vocabulary (133 spans), so they are built once per process."""
+    return Span(turn=0, category_id=category_id)
+
+
+@functools.lru_cache(maxsize=4096)
 def clean_category_name(name: str) -> str:
     """A category name as genseg/ovseg prompts show it (`tag_categories`, spec §1.3).
 
@@ -480,8 +487,7 @@ def _render_genseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
         Turn(role="assistant", text=answer.format()),
     ]
     seg = SegAnswer(turn=1, targets=[SegTarget(segment=i, span=span_of[s.category_id]) for i, s in targets])
-    # spans are built without re-validation: 133 per record, their fields are ints we just made
-    spans = [Span.model_construct(turn=0, category_id=c.id) for c in cats]
+    spans = [_category_span(c.id) for c in cats]
     return [ctx.item(0, turns, spans, [seg], [question.id, answer.id])]
 
 
