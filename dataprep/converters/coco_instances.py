@@ -283,7 +283,5 @@ def id_map_from_rgb(rgb: np.ndarray) -> np.ndarray:
     """COCO panoptic PNG -> segment id map: id = R + 256 * G + 256^2 * B (uint32)."""
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise RecordRejected("corrupt_image", f"panoptic PNG must be RGB, got array shape {rgb.shape}")
-    # the bytes R, G, B, 0 read as one little-endian uint32 are exactly R + 256 G + 256^2 B
-    rgbx = np.zeros(rgb.shape[:2] + (4,), dtype=np.uint8)
-    rgbx[..., :3] = rgb[..., :3]
-    return rgbx.view("<u4")[..., 0]
+    channels = rgb.astype(np.uint32)
+    return channels[..., 0] | (channels[..., 1] << 8) | (channels[..., 2] << 16)

@@ -139,7 +139,8 @@ class CocoPanoptic(CocoJsonConverter):
         def part(seg_id: Any, reason: str, message: str) -> None:
             parts.append(self._part(upstream, seg_id, reason, message))
 
-        present = masks.label_values(ids)
+        runs = masks.LabelRuns(ids)
+        present = runs.labels()
         listed: set[int] = set()
         ignore_ids = [0]  # void
         kept: list[tuple[int, dict[str, Any], dict[str, Any]]] = []  # (segment id, entry, category)
@@ -168,7 +169,7 @@ class CocoPanoptic(CocoJsonConverter):
             ignore_ids.append(seg_id)
 
         # every mask from one run-length pass over the id map (byte-equal to encoding each mask)
-        rles = masks.encode_labels(ids, {**{seg_id: [seg_id] for seg_id, _, _ in kept}, "ignore": ignore_ids})
+        rles = runs.encode({**{seg_id: [seg_id] for seg_id, _, _ in kept}, "ignore": ignore_ids})
         segments: list[Segment] = []
         names: list[str] = []
         for seg_id, info_entry, cat in kept:

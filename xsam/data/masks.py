@@ -61,60 +61,60 @@ def union(rles: list[RLE], height: int, width: int) -> RLE:
     return RLE(size=(height, width), counts=merged["counts"].decode("ascii"))
 
 
-def _runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column-major (COCO order) runs of a label map: (starts, lengths, values)."""
-    flat = np.asarray(labels).ravel(order="F")
-    if flat.size == 0:
-        raise ValueError("empty label map")
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    lengths = np.diff(np.concatenate((starts, [flat.size])))
-    return starts, lengths, flat[starts]
+class LabelRuns:
+    """Column-major (COCO order) runs of a label map, computed once, to encode many masks from.
 
-
-def _rle_from_runs(starts: np.ndarray, lengths: np.ndarray, total: int, height: int, width: int) -> RLE:
-    """Compressed RLE of the union of the given (sorted, disjoint) foreground runs."""
-    if starts.size:
-        ends = starts + lengths
-        # merge runs that touch (adjacent runs of two labels that are both selected)
-        keep = np.concatenate(([True], starts[1:] != ends[:-1]))
-        group = np.cumsum(keep) - 1
-        m_starts = starts[keep]
-        m_ends = np.zeros(m_starts.size, dtype=np.int64)
-        np.maximum.at(m_ends, group, ends)
-        gaps = m_starts - np.concatenate(([0], m_ends[:-1]))
-        counts = np.empty(2 * m_starts.size, dtype=np.int64)
-        counts[0::2], counts[1::2] = gaps, m_ends - m_starts
-        tail = total - int(m_ends[-1])
-        values = counts.tolist() + ([tail] if tail else [])
-    else:
-        values = [total]
-    compressed = mask_utils.frPyObjects({"size": [height, width], "counts": values}, height, width)
-    return RLE(size=(height, width), counts=compressed["counts"].decode("ascii"))
-
-
-def encode_labels(labels: np.ndarray, groups: dict[object, list[int]]) -> dict[object, RLE]:
-    """RLE of `labels` in each of `groups` (name -> label values), from ONE pass over the map.
-
-    Equal, byte for byte, to `encode(np.isin(labels, values))` per group, but a panoptic PNG with 30
-    segments costs one run-length pass instead of 30 full-frame comparisons and encodes.
+    `encode(groups)` is equal, byte for byte, to `encode(np.isin(labels, values))` per group, but a
+    panoptic PNG with 30 segments costs one run-length pass instead of 30 full-frame comparisons.
     """
-    height, width = labels.shape
-    starts, lengths, values = _runs(labels)
-    order = np.argsort(values, kind="stable")  # runs of each label stay in position order
-    sorted_values = values[order]
-    out: dict[object, RLE] = {}
-    for name, wanted in groups.items():
-        pick = []
-        for value in wanted:
-            lo = np.searchsorted(sorted_values, value, side="left")
-            hi = np.searchsorted(sorted_values, value, side="right")
-            pick.append(order[lo:hi])
-        idx = np.sort(np.concatenate(pick)) if pick else np.zeros(0, dtype=np.int64)
-        out[name] = _rle_from_runs(starts[idx], lengths[idx], labels.size, height, width)
-    return out
 
+    def __init__(self, labels: np.ndarray) -> None:
+        if labels.ndim != 2 or labels.size == 0:
+            raise ValueError(f"label map must be a non-empty 2-D array, got shape {labels.shape}")
+        self.height, self.width = labels.shape
+        flat = labels.ravel(order="F")
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        self.starts = np.concatenate(([0], change))
+        self.lengths = np.diff(np.concatenate((self.starts, [flat.size])))
+        self.values = flat[self.starts]
+        self._order = np.argsort(self.values, kind="stable")  # each label's runs stay in position order
+        self._sorted = self.values[self._order]
 
-def label_values(labels: np.ndarray) -> set[int]:
-    """The distinct values of a label map (via its runs: cheaper than np.unique on a full frame)."""
-    return set(_runs(labels)[2].tolist())
+    def labels(self) -> set[int]:
+        """The distinct label values (cheaper than np.unique on the full frame)."""
+        return set(np.unique(self.values).tolist())
+
+    def _runs_of(self, value: int) -> np.ndarray:
+        lo = np.searchsorted(self._sorted, value, side="left")
+        hi = np.searchsorted(self._sorted, value, side="right")
+        return self._order[lo:hi]
+
+    def encode(self, groups: dict[object, list[int]]) -> dict[object, RLE]:
+        """RLE of the pixels whose label is in each group (name -> label values)."""
+        out: dict[object, RLE] = {}
+        for name, wanted in groups.items():
+            if len(wanted) == 1:  # runs of one label never touch each other: no merging needed
+                idx = self._runs_of(wanted[0])
+                out[name] = self._rle(self.starts[idx], self.starts[idx] + self.lengths[idx])
+                continue
+            idx = np.sort(np.concatenate([self._runs_of(v) for v in wanted])) if wanted else np.zeros(0, int)
+            starts, ends = self.starts[idx], self.starts[idx] + self.lengths[idx]
+            if starts.size:  # merge runs of two selected labels that touch
+                keep = np.concatenate(([True], starts[1:] != ends[:-1]))
+                last = np.concatenate((np.flatnonzero(keep)[1:] - 1, [starts.size - 1]))
+                starts, ends = starts[keep], ends[last]
+            out[name] = self._rle(starts, ends)
+        return out
+
+    def _rle(self, starts: np.ndarray, ends: np.ndarray) -> RLE:
+        total = self.height * self.width
+        counts = np.empty(2 * starts.size, dtype=np.int64)
+        counts[0::2] = starts - np.concatenate(([0], ends[:-1]))
+        counts[1::2] = ends - starts
+        values = counts.tolist()
+        tail = total - (int(ends[-1]) if ends.size else 0)
+        if tail:
+            values.append(tail)
+        h, w = self.height, self.width
+        compressed = mask_utils.frPyObjects({"size": [h, w], "counts": values}, h, w)
+        return RLE(size=(h, w), counts=compressed["counts"].decode("ascii"))
