@@ -82,6 +82,8 @@ def broken_panoptic(tmp_path_factory, corpora):
     doc["images"].append(dict(img[1]))  # duplicate_id (record)
     doc["annotations"].append({**ann[10], "image_id": 777})  # orphan_annotation (record)
     doc["images"].append({**img[10], "id": 11, "file_name": "000000000010.jpg"})  # missing_annotation
+    doc["images"].append({"id": 12, "width": 640, "height": 360})  # invalid_annotation: no file_name
+    ann[10]["segments_info"].append({**ann[10]["segments_info"][0], "id": 4242})  # part: empty_mask
     paths["annotations"].write_text(json.dumps(doc))
     out = root / "out"
     run_conversion("coco-panoptic", str(out), {k: str(v) for k, v in paths.items()},
@@ -92,7 +94,7 @@ def broken_panoptic(tmp_path_factory, corpora):
 def test_every_panoptic_reason_is_quarantined(ray_session, broken_panoptic):
     meta, index, quarantine = _rows(broken_panoptic["out"])
     totals = meta["totals"]
-    assert totals["records_read"] == 13  # 11 image entries + 1 duplicate + 1 orphan annotation
+    assert totals["records_read"] == 14  # 12 image entries + 1 duplicate + 1 orphan annotation
     assert totals["records_read"] == totals["samples"] + totals["quarantined"]
     assert [r["key"][-2:] for r in index] == ["01", "09", "10"]
     records = {(q["record_id"], q["reason"]) for q in quarantine if q["level"] == "record"}
@@ -107,13 +109,15 @@ def test_every_panoptic_reason_is_quarantined(ray_session, broken_panoptic):
         ("8", "unsafe_path"),
         ("777", "orphan_annotation"),
         ("11", "missing_annotation"),
+        ("images[12]", "invalid_annotation")  # 0-based position in `images`,
     }
     parts = {(q["record_id"], q["part_id"], q["reason"]) for q in quarantine if q["level"] == "part"}
     assert parts == {
         ("9", str(broken_panoptic["crowd"]), "unknown_category"),
         ("9", str(broken_panoptic["dropped_segment"]), "unlisted_segment"),
+        ("10", "4242", "empty_mask"),
     }
-    assert totals["quarantined_parts"] == 2
+    assert totals["quarantined_parts"] == 3
     for q in quarantine:  # every message says what was wrong, concretely
         assert len(q["message"]) > 20 and q["source_file"]
     by_id = {q["record_id"]: q["message"] for q in quarantine if q["level"] == "record"}
@@ -129,7 +133,7 @@ def test_info_reports_reasons(ray_session, broken_panoptic):
     result = CliRunner().invoke(app, ["data", "info", str(broken_panoptic["out"]), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert info["quarantined"] == 10 and info["quarantined_parts"] == 2 and info["samples"] == 3
+    assert info["quarantined"] == 11 and info["quarantined_parts"] == 3 and info["samples"] == 3
     assert info["by_reason"]["size_mismatch"] == 2 and info["by_reason"]["unlisted_segment"] == 1
 
 
