@@ -88,3 +88,20 @@ def test_diff_cli(old, new, tmp_path):
     assert "not a complete dataset" in missing.output.replace("\n", " ")
     with pytest.raises(DiffInputError):
         diff_datasets(open_storage(tmp_path / "nowhere"), open_storage(old))
+
+
+def test_diff_and_preview_read_s3_datasets(old, new, bucket, tmp_path):
+    import boto3
+
+    client = boto3.client("s3")
+    for path in sorted(old.rglob("*")):
+        if path.is_file() and "logs" not in path.parts:
+            client.upload_file(str(path), bucket, f"old/{path.relative_to(old).as_posix()}")
+    url = f"s3://{bucket}/old"
+    result = runner.invoke(app, ["data", "diff", url, str(new), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["counts"] == {"added": 1, "removed": 0, "changed": 1, "unchanged": 0}
+    png = tmp_path / "preview.png"
+    result = runner.invoke(app, ["data", "preview", url, "--key", KEY, "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
