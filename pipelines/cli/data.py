@@ -40,6 +40,12 @@ def convert(
     masks: Optional[str] = typer.Option(None, help="mask PNG folder or .zip/.tar archive"),
     root: Optional[str] = typer.Option(None, help="release root folder (e.g. ADEChallengeData2016)"),
     split: Optional[str] = typer.Option(None, help="split name (default: from the input names)"),
+    refs: Optional[str] = typer.Option(None, help="REFER refs file: 'refs(unc).p', 'grefs(unc).json'"),
+    instances: Optional[str] = typer.Option(None, help="COCO instances.json of a REFER dataset"),
+    src: Optional[str] = typer.Option(None, help="a split folder of the upstream release (ReasonSeg)"),
+    explanations: Optional[str] = typer.Option(None, help="ReasonSeg explanatory/train.json"),
+    flavor: Optional[str] = typer.Option(None, help="which variant of a corpus (e.g. GCG: grandf, refcocog, psg, flickr)"),
+    keep_text_only: bool = typer.Option(False, "--keep-text-only", help="keep records without an image (LLaVA)"),
     shard_max_samples: int = typer.Option(DEFAULT_SHARD_MAX_SAMPLES, help="records per shard, at most"),
     shard_max_bytes: int = typer.Option(DEFAULT_SHARD_MAX_BYTES, help="bytes per shard, at most"),
     num_workers: Optional[int] = typer.Option(None, help="parallel Ray tasks (default: CPU count)"),
@@ -57,23 +63,31 @@ def convert(
     """
     if corpus not in CONVERTERS:
         fail(f"unknown corpus {corpus!r}; known: {', '.join(sorted(CONVERTERS))}")
+    inputs = {
+        "images": images, "annotations": annotations, "masks": masks, "root": root, "split": split,
+        "refs": refs, "instances": instances, "src": src, "explanations": explanations, "flavor": flavor,
+        "keep_text_only": True if keep_text_only else None,
+    }
     if address and address.startswith(("http://", "https://")):
         from jobs.convert import submit_job
 
         argv = [corpus, "--out", out]
-        for flag, value in (
-            ("--images", images), ("--annotations", annotations), ("--masks", masks), ("--root", root),
-            ("--split", split), ("--num-workers", num_workers), ("--templates", templates),
-        ):
-            if value is not None:
+        for name, value in inputs.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is not None:
                 argv += [flag, str(value)]
+        if num_workers is not None:
+            argv += ["--num-workers", str(num_workers)]
+        if templates is not None:
+            argv += ["--templates", str(templates)]
         argv += ["--shard-max-samples", str(shard_max_samples), "--shard-max-bytes", str(shard_max_bytes)]
         argv += ["--verify", verify, "--max-pixels", str(max_pixels)]
         raise typer.Exit(submit_job(address, argv, err_console))
 
     from jobs.convert import run_conversion
 
-    inputs = {"images": images, "annotations": annotations, "masks": masks, "root": root, "split": split}
     try:
         params = ConvertParams(
             shard_max_samples=shard_max_samples,
