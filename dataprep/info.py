@@ -47,3 +47,32 @@ def dataset_info(storage: Storage) -> dict[str, Any]:
         "inputs": meta["inputs"],
         "accounting_ok": totals["records_read"] == totals["samples"] + totals["quarantined"],
     }
+
+
+MIXTURE_SUMS = ("records_read", "samples", "items", "quarantined", "quarantined_parts", "shards", "bytes")
+
+
+def mixture_info(storages: list[Storage]) -> dict[str, Any]:
+    """`dataset_info` of each dataset of a training mixture, plus totals over all and per task.
+
+    `totals` holds the sums of MIXTURE_SUMS, the dataset count, and `by_task`:
+    {task: {"datasets": n, "records": r, "items": i, "splits": [...]}} summed over every dataset.
+    """
+    datasets = [dataset_info(s) for s in storages]
+    totals: dict[str, Any] = {name: sum(d[name] for d in datasets) for name in MIXTURE_SUMS}
+    totals["datasets"] = len(datasets)
+    by_task: dict[str, dict[str, Any]] = {}
+    for d in datasets:
+        for task, splits in d["by_task"].items():
+            cell = by_task.setdefault(task, {"datasets": 0, "records": 0, "items": 0, "splits": []})
+            cell["datasets"] += 1
+            for split_name, counts in splits.items():
+                cell["records"] += counts["records"]
+                cell["items"] += counts["items"]
+                if split_name not in cell["splits"]:
+                    cell["splits"].append(split_name)
+    for cell in by_task.values():
+        cell["splits"].sort()
+    totals["by_task"] = dict(sorted(by_task.items()))
+    totals["accounting_ok"] = all(d["accounting_ok"] for d in datasets)
+    return {"datasets": datasets, "totals": totals}

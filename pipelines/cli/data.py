@@ -119,12 +119,20 @@ def list_corpora() -> None:
 
 @app.command("info")
 def info(
-    dataset: str = typer.Argument(..., help="dataset folder or s3://bucket/prefix"),
+    datasets: list[str] = typer.Argument(..., help="dataset folder(s) or s3://bucket/prefix"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Totals, per task/source, per quarantine reason and shard sizes of a dataset."""
+    """Totals, per task/source, per quarantine reason and shard sizes of a dataset.
+
+    With several datasets (a training mixture): one table of all of them with totals, and the
+    totals per task; `--json` prints {"datasets": [...], "totals": {...}}.
+    """
     from dataprep.info import dataset_info
 
+    if len(datasets) > 1:
+        _info_many(datasets, as_json)
+        return
+    (dataset,) = datasets
     try:
         summary = dataset_info(open_storage(dataset))
     except FileNotFoundError as err:
@@ -148,6 +156,45 @@ def info(
         table.add_row(f"quarantine: {reason}", f"{levels['record']:,} records, {levels['part']:,} parts")
     table.add_row("records_read == samples + quarantined", "ok" if summary["accounting_ok"] else "MISMATCH")
     out_console.print(table)
+
+
+def _info_many(datasets: list[str], as_json: bool) -> None:
+    """`xsam data info A B ...`: the mixture table (one row per dataset, totals) and per task."""
+    from dataprep.info import mixture_info
+
+    try:
+        report = mixture_info([open_storage(d) for d in datasets])
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    except _storage_errors() as err:
+        fail(f"cannot read a dataset: {type(err).__name__}: {err}")
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"training mixture: {len(report['datasets'])} datasets", show_header=True, header_style="bold")
+    columns = ("corpus", "task", "splits", "samples", "items", "quarantined", "shards", "bytes", "version", "path")
+    for column in columns:
+        numeric = column in ("samples", "items", "quarantined", "shards", "bytes")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    for d in report["datasets"]:
+        table.add_row(
+            d["corpus"], d["task"], ", ".join(d["splits"]),
+            *(f"{d[n]:,}" for n in ("samples", "items", "quarantined", "shards", "bytes")), d["version"][:12], d["path"],
+        )
+    t = report["totals"]
+    table.add_row(
+        f"[bold]total ({t['datasets']} datasets)[/]", "", "",
+        *(f"[bold]{t[n]:,}[/]" for n in ("samples", "items", "quarantined", "shards", "bytes")), "", "",
+    )
+    out_console.print(table)
+    per_task = Table(title="per task", show_header=True, header_style="bold")
+    for column in ("task", "datasets", "splits", "records", "items"):
+        per_task.add_column(column, justify="left" if column in ("task", "splits") else "right")
+    for task, cell in t["by_task"].items():
+        per_task.add_row(task, f"{cell['datasets']:,}", ", ".join(cell["splits"]), f"{cell['records']:,}", f"{cell['items']:,}")
+    out_console.print(per_task)
+    if not t["accounting_ok"]:
+        out_console.print("[red]records_read != samples + quarantined in at least one dataset[/]")
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:
@@ -276,3 +323,109 @@ def diff(
         out_console.print(ptable)
     else:
         out_console.print("parameters, inputs and schema version: identical")
+
+
+@app.command("overlap")
+def overlap(
+    datasets: list[str] = typer.Argument(..., help="dataset folders or s3://bucket/prefix (one or more)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    png: Optional[Path] = typer.Option(None, "--png", help="write the leak table as a PNG bar chart"),
+) -> None:
+    """Images shared between datasets, and evaluation images that appear in training datasets.
+
+    Same image = same image sha256, or the same COCO image id when both datasets hold COCO images
+    (corpus in a known COCO family, or an explicit `coco_image_id` upstream id). A split whose name
+    starts with "train" is training; every other split is evaluation. Exit 0 on success, 2 when a
+    dataset cannot be read.
+    """
+    from dataprep.overlap import OverlapInputError, overlap_report, write_leak_png
+
+    try:
+        report = overlap_report([open_storage(d) for d in datasets])
+    except (OverlapInputError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    except _storage_errors() as err:
+        fail(f"cannot read a dataset: {type(err).__name__}: {err}")
+    if png is not None:
+        try:
+            report["png"] = str(write_leak_png(report, png))
+        except OSError as err:
+            fail(f"cannot write {png}: {err}")
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    dtable = Table(title="datasets", show_header=True, header_style="bold")
+    for column in ("label", "corpus", "splits (records / images)", "coco ids", "path"):
+        dtable.add_column(column, overflow="fold")
+    for d in report["datasets"]:
+        splits = ", ".join(
+            f"{s}{' (train)' if c['training'] else ''}: {c['records']:,} / {c['images']:,}" for s, c in d["splits"].items()
+        )
+        dtable.add_row(d["label"], d["corpus"], splits, "yes" if d["coco_ids"] else "no", d["path"])
+    out_console.print(dtable)
+    if report["pairs"]:
+        ptable = Table(title="shared images per pair", show_header=True, header_style="bold")
+        for column in ("a", "b", "by sha256", "by COCO id", "per split (a/b: sha, id)"):
+            ptable.add_column(column, justify="right" if column.startswith("by") else "left", overflow="fold")
+        for p in report["pairs"]:
+            detail = "; ".join(
+                f"{c['split_a']}/{c['split_b']}: {c['sha256']}, {c['coco_id'] if p['coco_ids_compared'] else '-'}"
+                for c in p["by_split"]
+                if c["either"]
+            )
+            coco = f"{p['coco_id']:,}" if p["coco_id"] is not None else "n/a"
+            ptable.add_row(p["a"], p["b"], f"{p['sha256']:,}", coco, detail or "none")
+        out_console.print(ptable)
+    ltable = Table(title="evaluation images in training datasets (leaks)", show_header=True, header_style="bold")
+    for column in ("eval dataset", "eval split", "train dataset", "eval images", "leaked", "%", "by sha256", "by COCO id"):
+        text = column in ("eval dataset", "eval split", "train dataset")
+        ltable.add_column(column, justify="left" if text else "right", overflow="fold")
+    for r in report["leaks"]:
+        style = "bold red" if r["leaked"] else ""
+        ltable.add_row(
+            r["eval"], r["eval_split"], f"{r['train']} ({', '.join(r['train_splits'])})",
+            f"{r['eval_images']:,}", f"{r['leaked']:,}", f"{r['percent']:.1f}",
+            f"{r['sha256']:,}", "n/a" if r["coco_id"] is None else f"{r['coco_id']:,}",
+            style=style,
+        )
+    if not report["leaks"]:
+        out_console.print("no evaluation split with a training split to compare against")
+    else:
+        out_console.print(ltable)
+    if png is not None:
+        out_console.print(f"leak chart written to {report['png']}", highlight=False, soft_wrap=True)
+
+
+@app.command("make-examples")
+def make_examples_cmd(
+    out: Path = typer.Option(Path("data/examples"), "--out", help="where the derived upstream-format inputs go"),
+    corpora: Path = typer.Option(Path("examples/corpora"), "--corpora", help="the real COCO samples they derive from"),
+    convert_into: Optional[Path] = typer.Option(
+        None, "--convert", help="also convert every example corpus into DIR/<corpus> (one local Ray)"
+    ),
+    num_workers: Optional[int] = typer.Option(None, help="parallel Ray tasks for --convert"),
+) -> None:
+    """Derive small inputs in every corpus's exact upstream format from the real COCO samples.
+
+    Example: xsam data make-examples --out data/examples --convert data/quickstart
+    """
+    from dataprep.examples import make_examples
+
+    try:
+        found = make_examples(corpora, out)
+    except FileNotFoundError as err:
+        fail(str(err))
+    for corpus, inputs in sorted(found.items()):
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" if v is not True else f"--{k.replace('_', '-')}" for k, v in inputs.items())
+        out_console.print(f"{corpus}: xsam data convert {corpus} --out OUT {flags}", soft_wrap=True)
+    out_console.print(f"inputs listed in {out / 'examples.json'}")
+    if convert_into is None:
+        return
+    from jobs.convert import run_conversion
+
+    for corpus, inputs in sorted(found.items()):
+        try:
+            run_conversion(corpus, str(convert_into / corpus), dict(inputs), ConvertParams(),
+                           num_workers=num_workers, console=err_console)
+        except (InputError, ValueError) as err:
+            fail(f"{corpus}: {err}")
