@@ -29,6 +29,8 @@ REASONS: dict[str, str] = {
     "missing_annotation": "an image has no annotation entry in a corpus that needs one",
     "unlisted_segment": "a panoptic PNG holds a segment id that segments_info does not list",
     "orphan_annotation": "an annotation points at an image id that the image list lacks",
+    "text_only": "a conversation without an image (LLaVA text-only): X-SAM trains on image conversations only",
+    "upstream_filter": "dropped by a rule of the upstream loader (GCG: overlapping phrase spans, caption under 3 words, phrase not in caption)",
 }
 
 LEVELS = ("record", "part")
