@@ -31,8 +31,8 @@ quickstart: install
 	$(VENV)/bin/xsam data convert coco-instances --out $(QS)/coco-instances \
 		--images $(CORPORA)/coco_instances_polygons/val2017 \
 		--annotations $(CORPORA)/coco_instances_polygons/annotations/instances_val2017.json --num-workers 2
-	$(VENV)/bin/xsam data info $(QS)/coco-panoptic
-	$(VENV)/bin/xsam data info $(QS)/coco-instances
+	$(VENV)/bin/xsam data make-examples --corpora $(CORPORA) --out data/examples --convert $(QS) --num-workers 2
+	$(VENV)/bin/xsam data info $(QS)/*/
 
 test: install
 	$(VENV)/bin/pytest

@@ -12,12 +12,26 @@ import importlib
 import json
 from pathlib import Path
 
-# one module per family of corpora; each has build(corpora, out) -> {corpus: {input option: path}}
+# one module per family of corpora; each has build(corpora, out) -> {example name: {input option: value}}
+# where the example name is a corpus name, or a corpus name plus "-variant" (e.g. "gcg-grandf")
 MODULES = ("refer", "reasonseg", "llava", "coco_interactive", "coco_vgd", "gcg")
 
 
+def corpus_of(example: str) -> str:
+    """The corpus an example converts with: its name, or the longest corpus name it starts with."""
+    from dataprep.converters import CONVERTERS
+
+    if example in CONVERTERS:
+        return example
+    matches = [name for name in CONVERTERS if example.startswith(name + "-")]
+    if not matches:
+        raise KeyError(f"example {example!r} names no known corpus")
+    return max(matches, key=len)
+
+
 def make_examples(corpora: Path, out: Path) -> dict[str, dict[str, str]]:
-    """Build every example corpus under `out/<module>/`; writes and returns `out/examples.json`."""
+    """Build every example corpus under `out/<module>/`; writes `out/examples.json` and returns
+    {example name: convert inputs} (see `corpus_of` for the corpus of each)."""
     corpora, out = Path(corpora), Path(out)
     if not (corpora / "coco_instances_polygons").is_dir():
         raise FileNotFoundError(f"{corpora} does not hold the real COCO samples (coco_instances_polygons/ ...)")
@@ -30,5 +44,6 @@ def make_examples(corpora: Path, out: Path) -> dict[str, dict[str, str]]:
                 raise
             continue
         found.update(module.build(corpora, out / name))
-    (out / "examples.json").write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+    listing = {name: {"corpus": corpus_of(name), "inputs": inputs} for name, inputs in found.items()}
+    (out / "examples.json").write_text(json.dumps(listing, indent=2, sort_keys=True) + "\n")
     return found

@@ -409,23 +409,39 @@ def make_examples_cmd(
 
     Example: xsam data make-examples --out data/examples --convert data/quickstart
     """
-    from dataprep.examples import make_examples
+    from dataprep.examples import corpus_of, make_examples
 
     try:
         found = make_examples(corpora, out)
     except FileNotFoundError as err:
         fail(str(err))
-    for corpus, inputs in sorted(found.items()):
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" if v is not True else f"--{k.replace('_', '-')}" for k, v in inputs.items())
-        out_console.print(f"{corpus}: xsam data convert {corpus} --out OUT {flags}", soft_wrap=True)
+    import shlex
+
+    for name, inputs in sorted(found.items()):
+        argv = ["xsam", "data", "convert", corpus_of(name), "--out", f"OUT/{name}"]
+        for key, value in inputs.items():
+            argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        out_console.print(f"{name}: {shlex.join(argv)}", soft_wrap=True, markup=False)
     out_console.print(f"inputs listed in {out / 'examples.json'}")
     if convert_into is None:
         return
+    import os
+
     from jobs.convert import run_conversion
 
-    for corpus, inputs in sorted(found.items()):
-        try:
-            run_conversion(corpus, str(convert_into / corpus), dict(inputs), ConvertParams(),
-                           num_workers=num_workers, console=err_console)
-        except (InputError, ValueError) as err:
-            fail(f"{corpus}: {err}")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray on loopback
+    import ray
+
+    started = not ray.is_initialized()
+    if started:  # one Ray for every conversion
+        ray.init(num_cpus=num_workers or os.cpu_count() or 1, include_dashboard=False, configure_logging=False)
+    try:
+        for name, inputs in sorted(found.items()):
+            try:
+                run_conversion(corpus_of(name), str(convert_into / name), dict(inputs), ConvertParams(),
+                               num_workers=num_workers, console=err_console)
+            except (InputError, ValueError) as err:
+                fail(f"{name}: {err}")
+    finally:
+        if started:
+            ray.shutdown()
