@@ -1,0 +1,215 @@
+"""COCO-Interactive (PSALM's `coco_interactive_{train,val}_psalm.json`) -> intseg records.
+
+Upstream format (no real file was available; key names confirmed from code, not from a file):
+X-SAM `xsam/xsam/dataset/img_intseg_dataset.py` reads a JSON list of
+`{image, image_info{id, file_name, height, width}, anns[{id, category_id, bbox, iscrowd,
+segmentation, point_visual_prompt_mask, scribble_visual_prompt_mask, box_visual_prompt_mask,
+mask_visual_prompt_mask}]}` and decodes every mask with `decode_mask` (compressed/uncompressed RLE
+or polygons); PSALM's (zamling/PSALM) COCO instance mapper and region evaluation use the same four
+`*_visual_prompt_mask` keys and `pycocotools.mask.decode` them (RLE). X-SAM dilates point prompts with
+discs of radius 10 and scribbles with radius 5 when loading; PSALM's evaluation dilates with a
+10x10 square kernel instead.
+
+Record layout (one record per image, key `coco-interactive-<split>-<image id>`, split from the file
+name, e.g. `coco_interactive_val_psalm.json` -> `val`):
+- segments: every annotation (crowd ones `iscrowd=True`, OR-ed into `ignore`, and given no prompt);
+- visual_prompts: per non-crowd annotation (id order) and kind (point, scribble, box, mask) present
+  upstream: `VisualPrompt(kind, rle=<upstream RLE, counts string unchanged>, segment_ids=[ann id])`,
+  with `geometry={"dilate_radius": 10}` (point) / `{"dilate_radius": 5}` (scribble) telling
+  `xsam.data.vprompts.rasterise_prompt` to apply X-SAM's load-time dilation. Polygon or
+  uncompressed prompt masks are normalised to compressed RLE. Empty/unreadable prompt masks are
+  quarantined as parts (`<ann id>:<kind>`).
+- phrases: category names when `--instances` (a COCO instances file) gives the category table (the
+  PSALM file has none); `phrase_index` of segments and prompts = their category.
+- `--flavor point|scribble|box|mask` keeps one prompt kind: upstream evaluates one prompt type per
+  split, so convert once per flavor to get the four evaluation datasets.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from dataprep.converters.base import (
+    Converted,
+    ConvertOptions,
+    Plan,
+    UpstreamRecord,
+    cached_tree,
+    estimate_bytes,
+    image_model,
+    load_json_input,
+    read_image,
+)
+from dataprep.converters.coco_instances import category_table, image_entries
+from dataprep.converters.coco_vgd import CocoVgd, flavor_kinds, prompt_rle
+from dataprep.quarantine import InputError, QuarantineRow, RecordRejected
+from dataprep.sources import open_tree
+from xsam.data import masks, vprompts
+from xsam.data.schema import Record, VisualPrompt, make_key
+
+FIX_INTERACTIVE = "pass PSALM's COCO-Interactive JSON, e.g. coco_int/annotations/coco_interactive_val_psalm.json"
+PROMPT_KEYS = {f"{k}_visual_prompt_mask": k for k in vprompts.KINDS}
+DILATE = {"point": vprompts.POINT_RADIUS, "scribble": vprompts.SCRIBBLE_RADIUS}
+
+
+class CocoInteractive(CocoVgd):
+    name = "coco-interactive"
+    task = "intseg"
+    version = "1"
+    required_inputs = {
+        "images": "folder or .zip/.tar of the COCO images (val2017/ for the val file, train2017/ for train)",
+        "annotations": "PSALM's COCO-Interactive JSON (coco_interactive_{train,val}_psalm.json)",
+    }
+    optional_inputs = {
+        "split": "split name for the record keys (default: from the file name, e.g. val)",
+        "flavor": "keep one prompt kind only: point | scribble | box | mask (one evaluation dataset per kind)",
+        "instances": "COCO instances JSON whose `categories` give the category names",
+    }
+    example = (
+        "xsam data convert coco-interactive --out data/coco-interactive "
+        "--annotations coco_int/annotations/coco_interactive_val_psalm.json --images val2017"
+    )
+    fix = FIX_INTERACTIVE
+
+    def _split(self) -> str:
+        if self.inputs.get("split"):
+            return str(self.inputs["split"])
+        match = re.search(
+            r"(train|val|test)", Path(str(self.inputs.get("annotations", ""))).name
+        )
+        return match.group(1) if match else "default"
+
+    def parameters(self) -> dict[str, Any]:
+        return {"split": self._split(), "flavor": self.inputs.get("flavor") or "all"}
+
+    def plan(self) -> Plan:
+        flavor_kinds(self.inputs.get("flavor"), self.name)
+        path = self.inputs["annotations"]
+        data, self._source = load_json_input(path, "annotations", self.fix)
+        if not isinstance(data, list):
+            raise InputError(
+                f"--annotations: {path} must be a JSON list of image records; {self.fix}"
+            )
+        self._categories = {}
+        if self.inputs.get("instances"):
+            inst, _ = load_json_input(
+                self.inputs["instances"], "instances", "pass a COCO instances JSON"
+            )
+            self._categories = category_table(
+                inst.get("categories") if isinstance(inst, dict) else None,
+                self.inputs["instances"],
+                "instances",
+                "pass a COCO instances JSON",
+            )
+        split = self._split()
+        entries = []
+        for i, rec in enumerate(data):
+            info = rec.get("image_info") if isinstance(rec, dict) else None
+            ok = isinstance(info, dict) and isinstance(rec.get("anns"), list)
+            entries.append(
+                {**info, "_anns": rec["anns"], "_image": rec.get("image")}
+                if ok
+                else {"id": f"[{i}]"}
+            )
+        by_id, rows = image_entries(
+            entries, corpus=self.name, split=split, source_file=self._source.name
+        )
+        tree = open_tree(self.inputs["images"], option="--images")
+        records = []
+        for image_id, info in by_id.items():
+            anns = info.pop("_anns")
+            info.pop("_image", None)
+            key = make_key(self.name, split, image_id)
+            if not anns:
+                rows.append(
+                    QuarantineRow(
+                        level="record",
+                        source_file=self._source.name,
+                        record_id=str(image_id),
+                        part_id="",
+                        key=key,
+                        reason="missing_annotation",
+                        message=f"image {info['file_name']}: `anns` is empty",
+                    )
+                )
+                continue
+            records.append(
+                UpstreamRecord(
+                    key=key,
+                    record_id=str(image_id),
+                    image_name=info["file_name"],
+                    est_bytes=estimate_bytes(tree, info["file_name"]),
+                    payload={
+                        "image": info,
+                        "annotations": anns,
+                        "split": split,
+                        "format": "psalm",
+                    },
+                )
+            )
+        return self._plan(records, rows)
+
+    def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
+        img = upstream.payload["image"]
+        data, info = read_image(
+            cached_tree(self.inputs["images"], "--images"), img["file_name"], options
+        )
+        expect = (img.get("height"), img.get("width"))
+        image = image_model(
+            data, info, img["file_name"], expect if None not in expect else None
+        )
+        h, w = image.height, image.width
+        kinds = flavor_kinds(self.inputs.get("flavor"), self.name)
+        parts: list[QuarantineRow] = []
+        segments, crowd, names = self._segments(upstream, h, w, parts)
+        raw = {
+            a.get("id"): a
+            for a in upstream.payload["annotations"]
+            if isinstance(a, dict)
+        }
+        prompts: list[VisualPrompt] = []
+        for seg in segments:
+            if seg.iscrowd:
+                continue
+            ann = raw[seg.id]
+            for key, kind in PROMPT_KEYS.items():
+                if kind not in kinds or ann.get(key) is None:
+                    continue
+                rle, reason, message = prompt_rle(ann[key], h, w)
+                if rle is None:
+                    parts.append(
+                        self._part(upstream, f"{seg.id}:{kind}", reason, message)
+                    )
+                    continue
+                prompts.append(
+                    VisualPrompt(
+                        kind=kind,
+                        rle=rle,
+                        geometry={"dilate_radius": DILATE[kind]}
+                        if kind in DILATE
+                        else None,
+                        segment_ids=[seg.id],
+                        phrase_index=seg.phrase_index,
+                    )
+                )
+        if not prompts:
+            raise RecordRejected(
+                "missing_annotation",
+                f"image {img['file_name']}: no annotation with a usable {'/'.join(kinds)} prompt",
+            )
+        record = Record(
+            key=upstream.key,
+            task=self.task,
+            source=self._record_source(upstream),
+            image=image,
+            segments=segments,
+            ignore=masks.union(crowd, h, w) if crowd else None,
+            phrases=names,
+            visual_prompts=prompts,
+        )
+        return Converted(record=record, image_bytes=data, parts=parts)
+
+
+CONVERTER_CLASSES = (CocoInteractive,)
