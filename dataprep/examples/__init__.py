@@ -37,12 +37,7 @@ def make_examples(corpora: Path, out: Path) -> dict[str, dict[str, str]]:
         raise FileNotFoundError(f"{corpora} does not hold the real COCO samples (coco_instances_polygons/ ...)")
     found: dict[str, dict[str, str]] = {}
     for name in MODULES:
-        try:
-            module = importlib.import_module(f"dataprep.examples.{name}")
-        except ModuleNotFoundError as err:  # TEMPORARY while the issue-3 corpora land
-            if err.name != f"dataprep.examples.{name}":
-                raise
-            continue
+        module = importlib.import_module(f"dataprep.examples.{name}")
         found.update(module.build(corpora, out / name))
     listing = {name: {"corpus": corpus_of(name), "inputs": inputs} for name, inputs in found.items()}
     (out / "examples.json").write_text(json.dumps(listing, indent=2, sort_keys=True) + "\n")

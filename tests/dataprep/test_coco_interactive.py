@@ -106,18 +106,17 @@ def test_records_and_prompts(converted):
                 assert raster.sum() > raw.sum() and raster[raw].all()
             else:
                 assert np.array_equal(raster, raw)
-        # rendering: one item, one turn pair, one <region> span per prompt, one <SEG>
-        [item] = sample.items
-        assert [t.role for t in item.turns] == ["user", "assistant"]
-        assert (
-            item.turns[0].text.count(REGION_TOKEN)
-            == len(record.visual_prompts)
-            == len(item.spans)
-        )
-        assert item.turns[1].text.count(SEG_TOKEN) == 1 and len(item.segs) == 1
+        # evaluation rendering (split val): one item per instance, one <region>, one <SEG>,
+        # the instance's mask as the only target (X-SAM's intseg evaluation samples)
+        instances = {tuple(vp.segment_ids) for vp in record.visual_prompts}
+        assert len(sample.items) == len(instances)
         index = {s.id: i for i, s in enumerate(record.segments)}
-        for t in item.segs[0].targets:
-            vp = record.visual_prompts[item.spans[t.span].prompt_index]
+        for item in sample.items:
+            assert [t.role for t in item.turns] == ["user", "assistant"]
+            assert item.turns[0].text.count(REGION_TOKEN) == 1 == len(item.spans)
+            assert item.turns[1].text.count(SEG_TOKEN) == 1 and len(item.segs) == 1
+            (t,) = item.segs[0].targets
+            vp = record.visual_prompts[item.spans[0].prompt_index]
             assert t.segment == index[vp.segment_ids[0]]
     assert not any(
         s.record.segments[i].iscrowd

@@ -112,8 +112,8 @@ def check_record(record, upstream: dict) -> None:
                 ry.min() >= ys.min() - 8 and ry.max() <= ys.max() + 8
             )  # within 4 sigma of the mask
             assert rx.min() >= xs.min() - 8 and rx.max() <= xs.max() + 8
-    [item] = record_items(record)
-    assert item.turns[0].text.count(REGION_TOKEN) == len(record.visual_prompts)
+    [item] = record_items(record)  # evaluation (val2017): one region per category present
+    assert item.turns[0].text.count(REGION_TOKEN) == len({vp.phrase_index for vp in record.visual_prompts})
     assert item.turns[1].text.count(SEG_TOKEN) == 1
 
 

@@ -663,35 +663,59 @@ def _render_gcgseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     return [ctx.item(0, turns, spans, [SegAnswer(turn=1, targets=targets)], [q.id, a.id])]
 
 
-def _render_regions(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
-    """intseg/vgdseg: one turn listing one `<p><region></p>` per visual prompt; the prompt's
-    `segment_ids` are its targets. Prompts are shuffled in training (as genseg's categories, so the
-    class index carries no position prior) and kept in record order at evaluation.
-
-    VGD's negative regions (paper branch: up to 5 categories whose `<region>` features come from
-    other samples of the batch, spec §8) need the batch, so the loader adds them, not this function.
-    """
+def _region_item(ctx: _Ctx, index: int, rng: random.Random | None, chosen: list[int]) -> Item:
+    """One turn listing one `<p><region></p>` per chosen prompt; a prompt's `segment_ids` are its
+    targets, classified by its span."""
     record = ctx.record
-    if not record.visual_prompts:
-        raise ctx.error(f"a {record.task} record needs visual prompts")
     index_of = {s.id: i for i, s in enumerate(record.segments)}
-    rng = ctx.rng(0) if ctx.mode == "train" else None
-    order = list(range(len(record.visual_prompts)))
-    if rng is not None:
-        rng.shuffle(order)
     targets = []
-    for k, j in enumerate(order):
+    for k, j in enumerate(chosen):
         for sid in record.visual_prompts[j].segment_ids:
             if sid not in index_of:
                 raise ctx.error(f"visual prompt {j} points at segment id {sid}, which the record lacks")
             targets.append(SegTarget(segment=index_of[sid], span=k))
     q, a = ctx.pick(rng, "questions"), ctx.pick(rng, "answers")
     turns = [
-        Turn(role="user", text=q.format(regions=", ".join(_REGION_SPAN for _ in order))),
+        Turn(role="user", text=q.format(regions=", ".join(_REGION_SPAN for _ in chosen))),
         Turn(role="assistant", text=a.format()),
     ]
-    spans = [Span(turn=0, prompt_index=j) for j in order]
-    return [ctx.item(0, turns, spans, [SegAnswer(turn=1, targets=targets)], [q.id, a.id])]
+    spans = [Span(turn=0, prompt_index=j) for j in chosen]
+    return ctx.item(index, turns, spans, [SegAnswer(turn=1, targets=targets)], [q.id, a.id])
+
+
+def _render_regions(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
+    """intseg/vgdseg (spec §1.4, §8): `<p><region></p>` turns from the record's visual prompts.
+
+    Prompts are grouped by what they point at: vgdseg by category (the prompt's `phrase_index`,
+    else its target set), intseg by instance (its target set). A record stores every prompt kind
+    of every group; the item uses ONE prompt per group:
+    - vgdseg: one item per record, one region per category present; training draws the prompt
+      of each category at random and shuffles the categories, evaluation takes each category's
+      first prompt in record order (convert with `--flavor KIND` for a one-kind evaluation set).
+      VGD's negative regions (paper branch: up to 5 categories whose `<region>` features come from
+      other samples of the batch) need the batch, so the loader adds them, not this function;
+    - intseg: training as vgdseg (one region per instance); evaluation is one item per instance
+      with its first prompt (X-SAM: one instance, one `<region>`, one target mask per sample).
+    """
+    record = ctx.record
+    if not record.visual_prompts:
+        raise ctx.error(f"a {record.task} record needs visual prompts")
+    groups: dict[object, list[int]] = {}
+    for j, prompt in enumerate(record.visual_prompts):
+        if record.task == "vgdseg" and prompt.phrase_index is not None:
+            group: object = ("phrase", prompt.phrase_index)
+        else:
+            group = ("targets", tuple(sorted(prompt.segment_ids)))
+        groups.setdefault(group, []).append(j)
+    members = list(groups.values())  # in order of first appearance
+    if ctx.mode == "train":
+        rng = ctx.rng(0)
+        chosen = [rng.choice(m) for m in members]
+        rng.shuffle(chosen)
+        return [_region_item(ctx, 0, rng, chosen)]
+    if record.task == "intseg":
+        return [_region_item(ctx, i, None, [m[0]]) for i, m in enumerate(members)]
+    return [_region_item(ctx, 0, None, [m[0] for m in members])]
 
 
 _RENDERERS: dict[str, Callable[[_Ctx, list[Category] | None], list[Item]]] = {

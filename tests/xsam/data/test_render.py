@@ -415,23 +415,32 @@ def test_gcgseg_wraps_caption_spans(templates) -> None:
 
 
 @pytest.mark.parametrize("task", ["vgdseg", "intseg"])
-def test_region_tasks_one_span_per_prompt(templates, task: str) -> None:
+def test_region_tasks_one_region_per_group(templates, task: str) -> None:
     record = tiny_record(task, 3)
-    prompts = [
+    prompts = [  # two kinds for the (100, 101) group, one for 102
         VisualPrompt(kind="mask", rle=record.segments[0].rle, segment_ids=[100, 101]),
         VisualPrompt(kind="box", geometry={"box": [2, 0, 1, 4]}, seed=5, segment_ids=[102]),
+        VisualPrompt(kind="point", geometry={"points": [[1, 1]]}, seed=6, segment_ids=[100, 101]),
     ]
     record = record.model_copy(update={"visual_prompts": prompts})
-    for options in (TRAIN, EVAL):
-        (item,) = render_record(record, seed=0, epoch=0, templates=templates, options=options)
-        check_valid([item])
-        assert item.turns[0].text.count("<p><region></p>") == 2
-        assert all(s.phrase_index is None for s in item.spans)
-        for target in item.segs[0].targets:
-            prompt = prompts[item.spans[target.span].prompt_index]
+    train = render_record(record, seed=0, epoch=0, templates=templates, options=TRAIN)
+    evaluation = render_record(record, seed=0, epoch=0, templates=templates, options=EVAL)
+    check_valid(train + evaluation)
+    (item,) = train  # one region per group, a random prompt of each
+    assert item.turns[0].text.count("<p><region></p>") == 2
+    assert all(s.phrase_index is None for s in item.spans)
+    assert sorted(len(prompts[s.prompt_index].segment_ids) for s in item.spans) == [1, 2]
+    for it in train + evaluation:
+        for target in it.segs[0].targets:
+            prompt = prompts[it.spans[target.span].prompt_index]
             assert record.segments[target.segment].id in prompt.segment_ids
+    if task == "vgdseg":  # evaluation: one item, each group's first prompt, record order
+        (item,) = evaluation
+        assert [s.prompt_index for s in item.spans] == [0, 1]
         assert len(item.segs[0].targets) == 3
-    assert [s.prompt_index for s in item.spans] == [0, 1]  # eval keeps record order
+    else:  # intseg evaluation: one item per instance group, one region, its targets only
+        assert [[s.prompt_index for s in it.spans] for it in evaluation] == [[0], [1]]
+        assert [len(it.segs[0].targets) for it in evaluation] == [2, 1]
 
 
 def test_chat_moves_image_to_the_front(templates) -> None:
