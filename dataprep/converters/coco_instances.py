@@ -33,7 +33,7 @@ from dataprep.converters.base import (
 from dataprep.quarantine import QuarantineRow, RecordRejected
 from dataprep.sources import open_tree
 from xsam.data import masks
-from xsam.data.schema import RLE, Record, Segment, Source, make_key
+from xsam.data.schema import RLE, Image, Record, Segment, Source, make_key
 
 FIX_INSTANCES = "pass a COCO instances file such as annotations/instances_val2017.json"
 
@@ -156,6 +156,13 @@ class CocoJsonConverter(Converter):
             key=upstream.key, reason=reason, message=message,
         )
 
+    def _read_record_image(self, upstream: UpstreamRecord, options: ConvertOptions) -> tuple[bytes, Image]:
+        """The record's image bytes and `Image`, checked against the size the annotations declare."""
+        img = upstream.payload["image"]
+        data, info = read_image(cached_tree(self.inputs["images"], "--images"), img["file_name"], options)
+        expect = (img.get("height"), img.get("width"))
+        return data, image_model(data, info, img["file_name"], expect if None not in expect else None)
+
     def _record_source(self, upstream: UpstreamRecord) -> Source:
         return Source(
             corpus=self.name, split=upstream.payload["split"],
@@ -222,10 +229,7 @@ class CocoInstances(CocoJsonConverter):
         return self._plan(records, rows)
 
     def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
-        img = upstream.payload["image"]
-        data, info = read_image(cached_tree(self.inputs["images"], "--images"), img["file_name"], options)
-        expect = (img.get("height"), img.get("width"))
-        image = image_model(data, info, img["file_name"], expect if None not in expect else None)
+        data, image = self._read_record_image(upstream, options)
         h, w = image.height, image.width
         parts: list[QuarantineRow] = []
 

@@ -36,11 +36,8 @@ from dataprep.converters.base import (
     ConvertOptions,
     Plan,
     UpstreamRecord,
-    cached_tree,
     estimate_bytes,
-    image_model,
     load_json_input,
-    read_image,
 )
 from dataprep.converters.coco_instances import category_table, image_entries
 from dataprep.converters.coco_vgd import CocoVgd, flavor_kinds, prompt_rle
@@ -153,13 +150,7 @@ class CocoInteractive(CocoVgd):
 
     def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
         img = upstream.payload["image"]
-        data, info = read_image(
-            cached_tree(self.inputs["images"], "--images"), img["file_name"], options
-        )
-        expect = (img.get("height"), img.get("width"))
-        image = image_model(
-            data, info, img["file_name"], expect if None not in expect else None
-        )
+        data, image = self._read_record_image(upstream, options)
         h, w = image.height, image.width
         kinds = flavor_kinds(self.inputs.get("flavor"), self.name)
         parts: list[QuarantineRow] = []

@@ -20,8 +20,6 @@ from dataprep.converters.base import (
     UpstreamRecord,
     cached_tree,
     estimate_bytes,
-    image_model,
-    read_image,
 )
 from dataprep.converters.coco_instances import CocoJsonConverter, id_map_from_rgb
 from dataprep.imagecheck import decode_png_array
@@ -121,9 +119,7 @@ class CocoPanoptic(CocoJsonConverter):
     def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
         img = upstream.payload["image"]
         ann = upstream.payload["annotation"]
-        data, info = read_image(cached_tree(self.inputs["images"], "--images"), img["file_name"], options)
-        expect = (img.get("height"), img.get("width"))
-        image = image_model(data, info, img["file_name"], expect if None not in expect else None)
+        data, image = self._read_record_image(upstream, options)
         h, w = image.height, image.width
 
         png = cached_tree(self.inputs["masks"], "--masks").read(ann["file_name"])
