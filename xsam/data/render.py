@@ -626,6 +626,10 @@ def _render_gcgseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     """gcgseg: the answer is captions[0] with each grounded span rewritten as `<p>span</p>`, then
     one `<SEG>` answering every phrase's segments, classified by the phrase's rank in the caption.
 
+    The text follows X-SAM's `tag_caption` exactly (the released weights saw it): the caption ends
+    with "." (added when missing), and every `</p>` is followed by a space, even where the caption
+    already had one ("<p>two cats</p>  lie on ...").
+
     Evaluation upstream generates the caption (empty answer), but an item's `<SEG>` count must match
     its text, so evaluation renders the same item as training with template 0; the evaluator uses
     the question turn only and generates the rest.
@@ -633,7 +637,9 @@ def _render_gcgseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     record = ctx.record
     if not record.captions:
         raise ctx.error("a gcgseg record needs a caption")
-    caption = ctx.plain(record.captions[0], "caption")
+    caption = ctx.plain(record.captions[0], "caption").rstrip()
+    if not caption.endswith("."):
+        caption += "."
     phrase_segments = _phrase_segments(ctx)
     char_spans = record.meta.get("phrase_char_spans")
     if not isinstance(char_spans, list) or len(char_spans) != len(record.phrases):
@@ -651,9 +657,9 @@ def _render_gcgseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     for start, end, p in bounds:
         if start < cursor:
             raise ctx.error(f"phrase {p}: char span [{start}, {end}] overlaps the previous one")
-        pieces += [caption[cursor:start], PHRASE_START, caption[start:end], PHRASE_END]
+        pieces += [caption[cursor:start], PHRASE_START, caption[start:end], PHRASE_END, " "]
         cursor = end
-    grounded = "".join(pieces) + caption[cursor:]
+    grounded = ("".join(pieces) + caption[cursor:]).strip()
 
     rng = ctx.rng(0) if ctx.mode == "train" else None
     q, a = ctx.pick(rng, "questions"), ctx.pick(rng, "answers")
