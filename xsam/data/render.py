@@ -669,13 +669,18 @@ def _render_gcgseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     return [ctx.item(0, turns, spans, [SegAnswer(turn=1, targets=targets)], [q.id, a.id])]
 
 
-def _region_item(ctx: _Ctx, index: int, rng: random.Random | None, chosen: list[int]) -> Item:
-    """One turn listing one `<p><region></p>` per chosen prompt; a prompt's `segment_ids` are its
-    targets, classified by its span."""
+NUM_VGD_NEGATIVES = 5  # spec §8: VGD training adds U(0, 5) negative categories with p = 0.5
+
+
+def _region_item(ctx: _Ctx, index: int, rng: random.Random | None, chosen: list[int | None]) -> Item:
+    """One turn listing one `<p><region></p>` per chosen prompt (None: a negative region from
+    another sample of the batch); a prompt's `segment_ids` are its targets, classified by its span."""
     record = ctx.record
     index_of = {s.id: i for i, s in enumerate(record.segments)}
     targets = []
     for k, j in enumerate(chosen):
+        if j is None:
+            continue
         for sid in record.visual_prompts[j].segment_ids:
             if sid not in index_of:
                 raise ctx.error(f"visual prompt {j} points at segment id {sid}, which the record lacks")
@@ -716,7 +721,11 @@ def _render_regions(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     members = list(groups.values())  # in order of first appearance
     if ctx.mode == "train":
         rng = ctx.rng(0)
-        chosen = [rng.choice(m) for m in members]
+        chosen: list[int | None] = [rng.choice(m) for m in members]
+        if record.task == "vgdseg" and rng.random() < 0.5:
+            # paper branch: up to 5 negative regions, whose <region> features the loader takes from
+            # another sample of the batch; here they are spans with no prompt and no target
+            chosen += [None] * rng.randint(0, NUM_VGD_NEGATIVES)
         rng.shuffle(chosen)
         return [_region_item(ctx, 0, rng, chosen)]
     if record.task == "intseg":

@@ -468,3 +468,25 @@ def test_reserved_strings_in_phrases_are_rejected(templates) -> None:
     record = tiny_record("refseg", 1, phrases=["the <SEG> man"], meta={"phrase_segments": [[0]]})
     with pytest.raises(ValueError, match="reserved string <SEG>"):
         render_record(record, seed=0, epoch=0, templates=templates)
+
+
+def test_vgd_training_adds_up_to_five_negative_regions(templates) -> None:
+    record = tiny_record("vgdseg", 3)
+    prompts = [
+        VisualPrompt(kind="box", geometry={"box": [0, 0, 2, 2]}, seed=1, segment_ids=[100], phrase_index=None),
+        VisualPrompt(kind="box", geometry={"box": [1, 1, 3, 3]}, seed=2, segment_ids=[101, 102]),
+    ]
+    record = record.model_copy(update={"visual_prompts": prompts})
+    negatives = []
+    for epoch in range(40):
+        (item,) = render_record(record, seed=0, epoch=epoch, templates=templates, options=TRAIN)
+        check_valid([item])
+        empty = [k for k, s in enumerate(item.spans) if s.prompt_index is None]
+        assert len(item.spans) - len(empty) == 2 and len(empty) <= 5
+        assert not {t.span for t in item.segs[0].targets} & set(empty)  # negatives have no target
+        negatives.append(len(empty))
+    assert 0 in negatives and max(negatives) > 0  # p = 0.5: some epochs have none, some have some
+    intseg = record.model_copy(update={"task": "intseg"})
+    for epoch in range(10):
+        (item,) = render_record(intseg, seed=0, epoch=epoch, templates=templates, options=TRAIN)
+        assert all(s.prompt_index is not None for s in item.spans)
