@@ -213,7 +213,11 @@ def run_unit(
             continue
         quarantine.extend(row.to_dict() for row in converted.parts)
         record = converted.record
-        entry = ShardEntry(key=record.key, image_ext=record.image.ext, image=converted.image_bytes, sample_json=sample_json)
+        image = record.image
+        entry = ShardEntry(
+            key=record.key, image_ext=image.ext if image else None,
+            image=converted.image_bytes if image else None, sample_json=sample_json,
+        )
         row = {
             "key": record.key,
             "shard": "",
@@ -221,12 +225,12 @@ def run_unit(
             "corpus": record.source.corpus,
             "split": record.source.split,
             "upstream_ids": canonical_json(record.source.upstream_ids).decode(),
-            "image_sha256": record.image.sha256,
+            "image_sha256": image.sha256 if image else "",
             "sample_sha256": hashlib.sha256(sample_json).hexdigest(),
             "segments": len(record.segments),
             "items": len(items),
-            "width": record.image.width,
-            "height": record.image.height,
+            "width": image.width if image else 0,
+            "height": image.height if image else 0,
         }
         items_total += len(items)
         entries.append((entry, row))

@@ -397,9 +397,8 @@ class _Linter:
         if not KEY_PATTERN.match(key):
             self.problem("member_name", rel, f"key {key!r} does not match [a-z0-9_-]+", k)
         images = [ext for ext in IMAGE_EXTS if ext in by_ext]
-        if len(images) != 1:
-            what = "no image member (KEY.jpg or KEY.png)" if not images else "two image members (KEY.jpg and KEY.png)"
-            self.problem("member_missing", rel, f"has {what}", k)
+        if len(images) > 1:
+            self.problem("member_missing", rel, "has two image members (KEY.jpg and KEY.png)", k)
         json_bytes = by_ext.get("json")
         if json_bytes is None:
             self.problem("member_missing", rel, "has no KEY.json member", k)
@@ -426,7 +425,14 @@ class _Linter:
             self.problem("sample_json", rel, f"{key}.json does not validate as ShardSample: {_short(err)}", k)
             return found
         record = sample.record
-        h, w = record.image.height, record.image.width
+        if record.image is None:  # a text-only chat record: KEY.json alone
+            h = w = 0
+            if images:
+                self.problem("member_missing", rel, f"has {key}.{images[0]} but the record has no image", k)
+        else:
+            h, w = record.image.height, record.image.width
+            if not images:
+                self.problem("member_missing", rel, "has no image member (KEY.jpg or KEY.png)", k)
         if record.key != key:
             self.problem("sample_key", rel, f"{key}.json holds record.key {record.key!r}", k)
         if self.schema_version is not None and record.schema_version != self.schema_version:
@@ -446,7 +452,7 @@ class _Linter:
                 self.lint_mask(rel, key, f"visual prompt {i}", vp.rle, h, w)
 
         # image
-        if image is not None:
+        if image is not None and record.image is not None:
             if image_ext != record.image.ext:
                 self.problem("image_ext", rel, f"image member is {key}.{image_ext}, record.image.ext is {record.image.ext}", k)
             if found.image_sha256 != record.image.sha256:
@@ -476,7 +482,7 @@ class _Linter:
             "corpus": record.source.corpus,
             "split": record.source.split,
             "upstream_ids": canonical_json(record.source.upstream_ids).decode(),
-            "image_sha256": record.image.sha256,
+            "image_sha256": record.image.sha256 if record.image else "",
             "segments": len(record.segments),
             "items": len(sample.items),
             "width": w,

@@ -153,7 +153,12 @@ def load_sample(storage: Storage, *, key: str | None = None, index: int | None =
     if found is None or "json" not in found:
         raise PreviewError(f"{row['key']} is not in {storage.describe(rel)} (run `xsam data lint`)")
     sample = ShardSample.model_validate_json(found["json"])
-    image = found.get(sample.record.image.ext)
+    if sample.record.image is None:  # a text-only chat record: a blank panel stands for the image
+        buf = io.BytesIO()
+        Image.new("RGB", (640, 48), (235, 235, 235)).save(buf, format="PNG")
+        image: bytes | None = buf.getvalue()
+    else:
+        image = found.get(sample.record.image.ext)
     if image is None:
         raise PreviewError(f"{row['key']} has no {row['key']}.{sample.record.image.ext} member in {rel}")
     return PreviewSample(
@@ -502,7 +507,7 @@ def render_preview(
         f"task {record.task}",
         f"source {src.corpus} / {src.split}",
         ids,
-        f"{record.image.file_name} {record.image.width}x{record.image.height}",
+        f"{record.image.file_name} {record.image.width}x{record.image.height}" if record.image else "no image (text-only)",
         f"{len(record.segments)} segments",
     ]
     if record.visual_prompts:

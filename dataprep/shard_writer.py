@@ -65,12 +65,15 @@ class ShardEntry:
     """One record's members, ready to write."""
 
     key: str
-    image_ext: str
-    image: bytes
+    image_ext: str | None  # None with image None: a text-only record has only KEY.json
+    image: bytes | None
     sample_json: bytes
 
     def members(self) -> list[tuple[str, bytes]]:
-        return sorted([(f"{self.key}.{self.image_ext}", self.image), (f"{self.key}.json", self.sample_json)])
+        members = [(f"{self.key}.json", self.sample_json)]
+        if self.image is not None:
+            members.append((f"{self.key}.{self.image_ext}", self.image))
+        return sorted(members)
 
     def tar_bytes(self) -> int:
         """Exact bytes these members add to a tar (headers + padded data, GNU long names)."""

@@ -17,9 +17,9 @@ renderer moves it to the front); no segments; `source.upstream_ids = {"id": id}`
 string or integer); `meta["upstream_index"]` = position in the JSON list.
 
 Quarantine (record level, counted in records_read):
-- an entry without `image` (the 665K mix has ~40K text-only ShareGPT records) -> `text_only`:
-  X-SAM trains on image records only, and the `Record` schema requires an image. `--keep-text-only`
-  is therefore rejected with an InputError until the schema allows image-less records;
+- an entry without `image` (the 665K mix has ~40K text-only ShareGPT records) -> `text_only`,
+  as X-SAM trains on image records only; with `--keep-text-only` such an entry becomes a chat
+  record with `image = None` (shard member `KEY.json` alone, no `<image>` in its items);
 - malformed entry (no id, conversations not a list of {from: human|gpt, value: str}) ->
   `invalid_annotation`;
 - two entries whose ids give the same key (the same id twice, or ids that differ only in case or in
@@ -53,11 +53,6 @@ from xsam.data.schema import ChatTurn, Record, Source, make_key
 CORPUS = "llava"
 FIX = "pass a LLaVA conversation file such as llava_v1_5_mix665k.json or blip_laion_cc_sbu_558k.json (a JSON list)"
 SPLIT_PATTERNS = ((re.compile(r"blip_laion_cc_sbu_558k"), "pretrain"), (re.compile(r"llava_v1_5_mix665k"), "instruct"))
-TEXT_ONLY_UNSUPPORTED = (
-    "--keep-text-only is not supported yet: a text-only LLaVA record has no image, and the record "
-    "schema (xsam/data/schema.py, Record.image) requires one. Run without --keep-text-only: text-only "
-    "records are then quarantined with reason `text_only` and counted."
-)
 
 
 def split_from_file_name(name: str) -> str | None:
@@ -96,7 +91,7 @@ class Llava(Converter):
     }
     optional_inputs = {
         "split": "split name for the keys when the file name does not tell (default: default)",
-        "keep_text_only": "keep records without image (NOT supported yet: the schema requires an image)",
+        "keep_text_only": "keep records without an image (X-SAM drops them; default: quarantined as text_only)",
     }
     example = (
         "xsam data convert llava --out data/llava-instruct --annotations llava_v1_5_mix665k.json "
@@ -105,8 +100,6 @@ class Llava(Converter):
 
     def __init__(self, **inputs: Any) -> None:
         super().__init__(**inputs)
-        if self.inputs.get("keep_text_only"):
-            raise InputError(f"{self.name}: {TEXT_ONLY_UNSUPPORTED}")
         named = split_from_file_name(str(self.inputs["annotations"]))
         given = self.inputs.get("split")
         if named and given and make_key(given) != named:
@@ -143,10 +136,11 @@ class Llava(Converter):
                 continue
             uid = entry["id"]
             key = make_key(CORPUS, split, str(uid))
-            if "image" not in entry or entry["image"] is None:
+            text_only = "image" not in entry or entry["image"] is None
+            if text_only and not self.inputs.get("keep_text_only"):
                 reject(str(uid), key, "text_only",
                        f"entry [{i}] (id {uid!r}) has no image; X-SAM trains on image conversations only "
-                       "(--keep-text-only is not supported yet)")
+                       "(--keep-text-only keeps such records)")
                 continue
             if key in first_of_key:
                 first = first_of_key[key]
@@ -155,18 +149,21 @@ class Llava(Converter):
                 continue
             first_of_key[key] = uid
             records.append(UpstreamRecord(
-                key=key, record_id=str(uid), image_name=entry["image"],
-                est_bytes=estimate_bytes(tree, entry["image"]),
-                payload={"id": uid, "index": i, "image": entry["image"], "conversations": entry["conversations"],
-                         "split": split},
+                key=key, record_id=str(uid), image_name="" if text_only else entry["image"],
+                est_bytes=8192 if text_only else estimate_bytes(tree, entry["image"]),
+                payload={"id": uid, "index": i, "image": None if text_only else entry["image"],
+                         "conversations": entry["conversations"], "split": split},
             ))
         records.sort(key=lambda r: r.key)
         return Plan(records=records, quarantine=rows, inputs=[self._source], splits=[split])
 
     def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
         pl = upstream.payload
-        data, info = read_image(cached_tree(self.inputs["images"], "--images"), pl["image"], options)
-        image = image_model(data, info, pl["image"], None)
+        if pl["image"] is None:  # a text-only record (--keep-text-only)
+            data, image = b"", None
+        else:
+            data, info = read_image(cached_tree(self.inputs["images"], "--images"), pl["image"], options)
+            image = image_model(data, info, pl["image"], None)
         record = Record(
             key=upstream.key,
             task=self.task,

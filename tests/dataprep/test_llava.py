@@ -9,7 +9,6 @@ import pytest
 from builders import dataset_files
 
 from dataprep.convert import ConvertParams
-from dataprep.converters import get_converter
 from dataprep.converters.llava import Llava, split_from_file_name
 from dataprep.examples.llava import FILE, build, entries
 from dataprep.lint import lint_dataset
@@ -76,9 +75,26 @@ def test_byte_identical(converted, example, ray_session, tmp_path):
     assert dataset_files(out) == dataset_files(tmp_path / "b")
 
 
-def test_keep_text_only_fails_fast(example):
-    with pytest.raises(InputError, match="not supported yet"):
-        get_converter("llava")(**example[1], keep_text_only=True)
+def test_keep_text_only_keeps_image_less_records(example, ray_session, tmp_path):
+    out = tmp_path / "kept"
+    outcome = run_conversion("llava", str(out), {**example[1], "keep_text_only": True}, ConvertParams(), num_workers=1)
+    totals = outcome.meta["totals"]
+    assert totals["records_read"] == totals["samples"] == 4 and totals["quarantined"] == 0
+    sample, members = read_samples(out)["llava-instruct-i6iyjda_0"]
+    assert sample.record.image is None and set(members) == {"json"}  # KEY.json alone
+    text_only = next(e for e in entries() if "image" not in e)
+    assert [t.model_dump(by_alias=True) for t in sample.record.conversations] == text_only["conversations"]
+    (item,) = sample.items
+    assert all(IMAGE_TOKEN not in t.text for t in item.turns)  # no <image> without an image
+    assert lint_dataset(open_storage(out)).ok
+    png = tmp_path / "text-only.png"
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    result = CliRunner().invoke(app, ["data", "preview", str(out), "--key", "llava-instruct-i6iyjda_0", "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_split_from_file_name(example, tmp_path):

@@ -384,9 +384,10 @@ class _Ctx:
         first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
         if first_user is None:
             raise self.error("an item needs a user turn to hold the image")
-        prefix = IMAGE_TOKEN + ("\n" if self.options.image_newline else "")
         turns = list(turns)
-        turns[first_user] = Turn(role="user", text=prefix + turns[first_user].text)
+        if self.record.image is not None:  # a text-only chat record has no <image>
+            prefix = IMAGE_TOKEN + ("\n" if self.options.image_newline else "")
+            turns[first_user] = Turn(role="user", text=prefix + turns[first_user].text)
         return Item(
             key=item_key(self.record.key, index),
             record_key=self.record.key,

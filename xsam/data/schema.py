@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"  # 1.1: `image` may be None for text-only chat records
 
 Task = Literal["chat", "genseg", "ovseg", "refseg", "reaseg", "gcgseg", "intseg", "vgdseg"]
 TASKS: tuple[str, ...] = ("chat", "genseg", "ovseg", "refseg", "reaseg", "gcgseg", "intseg", "vgdseg")
@@ -125,7 +125,9 @@ class Record(_Strict):
     key: str = Field(description="stable key: corpus + split + upstream id, `[a-z0-9_-]` only")
     task: Task
     source: Source
-    image: Image
+    image: Image | None = Field(
+        description="the image; None only for a text-only chat record (LLaVA, --keep-text-only)"
+    )
     segments: list[Segment] = Field(default_factory=list)
     ignore: RLE | None = Field(
         default=None, description="pixels that losses and metrics ignore (void, crowd, ADE 0/255)"
@@ -148,6 +150,10 @@ class Record(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Record:
+        if self.image is None:
+            if self.task != "chat" or self.segments or self.ignore is not None or self.visual_prompts:
+                raise ValueError("only a chat record without masks or prompts may have no image")
+            return self
         hw = (self.image.height, self.image.width)
         for seg in self.segments:
             if tuple(seg.rle.size) != hw:
