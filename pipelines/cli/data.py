@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -171,20 +172,31 @@ def _info_many(datasets: list[str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return
-    table = Table(title=f"training mixture: {len(report['datasets'])} datasets", show_header=True, header_style="bold")
-    columns = ("corpus", "task", "splits", "samples", "items", "quarantined", "shards", "bytes", "version", "path")
+    table = Table(
+        title=f"training mixture: {len(report['datasets'])} datasets", show_header=True, header_style="bold",
+        box=box.SIMPLE_HEAD,
+    )
+    # the dataset's folder name (its corpus when the folder is not named after it): the full paths
+    # are in --json; a mixture table must stay readable in an 80-column log
+    columns = ("dataset", "task", "samples", "items", "quar.", "shards", "MiB", "version")  # splits: per task
     for column in columns:
-        numeric = column in ("samples", "items", "quarantined", "shards", "bytes")
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+        numeric = column in ("samples", "items", "quar.", "shards", "MiB")
+        table.add_column(
+            column, justify="right" if numeric else "left", overflow="fold", no_wrap=True
+        )
     for d in report["datasets"]:
+        folder = d["path"].rstrip("/").rsplit("/", 1)[-1]
+        name = folder if d["corpus"] in folder else f"{d['corpus']} ({folder})"
         table.add_row(
-            d["corpus"], d["task"], ", ".join(d["splits"]),
-            *(f"{d[n]:,}" for n in ("samples", "items", "quarantined", "shards", "bytes")), d["version"][:12], d["path"],
+            name, d["task"],
+            *(f"{d[n]:,}" for n in ("samples", "items", "quarantined", "shards")),
+            f"{d['bytes'] / 2**20:,.1f}", d["version"][:8],
         )
     t = report["totals"]
     table.add_row(
-        f"[bold]total ({t['datasets']} datasets)[/]", "", "",
-        *(f"[bold]{t[n]:,}[/]" for n in ("samples", "items", "quarantined", "shards", "bytes")), "", "",
+        f"[bold]total ({t['datasets']})[/]", "",
+        *(f"[bold]{t[n]:,}[/]" for n in ("samples", "items", "quarantined", "shards")),
+        f"[bold]{t['bytes'] / 2**20:,.1f}[/]", "",
     )
     out_console.print(table)
     per_task = Table(title="per task", show_header=True, header_style="bold")
