@@ -159,3 +159,21 @@ def panoptic_inputs(root: Path, annotations: Path | None = None) -> dict[str, st
         "annotations": str(annotations or root / "annotations" / "panoptic_val2017.json"),
         "masks": str(root / "annotations" / "panoptic_val2017"),
     }
+
+
+def read_samples(root: Path) -> dict:
+    """Every sample of a local dataset folder: {key: (ShardSample, {ext: member bytes})}."""
+    from dataprep.shard_writer import iter_shard
+    from xsam.data.schema import ShardSample
+
+    out = {}
+    for shard in sorted((Path(root) / "shards").glob("*.tar")):
+        with open(shard, "rb") as f:
+            for key, members in iter_shard(f):
+                out[key] = (ShardSample.model_validate_json(members["json"]), members)
+    return out
+
+
+def read_records(root: Path) -> dict:
+    """{key: ShardSample} of a local dataset folder."""
+    return {key: sample for key, (sample, _) in read_samples(root).items()}

@@ -24,17 +24,17 @@ from ade20k_inputs import (
     reference_panoptic,
     write_release,
 )
+from builders import read_samples
 
 from dataprep.convert import ConvertParams
 from dataprep.converters import get_converter
 from dataprep.converters.ade20k import Ade20k, semantic_label_map
 from dataprep.manifest import QUARANTINE, read_parquet
 from dataprep.quarantine import InputError
-from dataprep.shard_writer import iter_shard
 from dataprep.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks
-from xsam.data.schema import Record, ShardSample
+from xsam.data.schema import Record
 from xsam.data.views import instance_view, semantic_map
 
 SPLIT = "validation"
@@ -46,13 +46,6 @@ def key(stem: str) -> str:
     return f"ade20k-{SPLIT}-{stem.lower()}"
 
 
-def read_samples(out: Path) -> dict[str, tuple[ShardSample, dict[str, bytes]]]:
-    samples = {}
-    for shard in sorted((out / "shards").glob("*.tar")):
-        with open(shard, "rb") as f:
-            for k, members in iter_shard(f):
-                samples[k] = (ShardSample.model_validate_json(members["json"]), members)
-    return samples
 
 
 def bbox_of(mask: np.ndarray) -> tuple[float, float, float, float]:

@@ -10,28 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import dataset_files
+from builders import read_records as read_samples
 from pycocotools import mask as mask_utils
 
 from dataprep.convert import ConvertParams
 from dataprep.examples import coco_vgd as example
 from dataprep.lint import lint_dataset
 from dataprep.manifest import QUARANTINE, read_parquet
-from dataprep.shard_writer import iter_shard
 from dataprep.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks, vprompts
-from xsam.data.schema import REGION_TOKEN, SEG_TOKEN, ShardSample
+from xsam.data.schema import REGION_TOKEN, SEG_TOKEN
 
 CORPUS = "coco-vgd"
 
 
-def read_samples(out: Path) -> dict[str, ShardSample]:
-    samples = {}
-    for shard in sorted((out / "shards").glob("*.tar")):
-        with open(shard, "rb") as f:
-            for key, members in iter_shard(f):
-                samples[key] = ShardSample.model_validate_json(members["json"])
-    return samples
 
 
 def ref_mask(seg, h: int, w: int) -> np.ndarray:

@@ -12,26 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import dataset_files
+from builders import read_records as read_samples
 from pycocotools import mask as mask_utils
 
 from dataprep.convert import ConvertParams
 from dataprep.examples.gcg import build
 from dataprep.lint import lint_dataset
 from dataprep.manifest import QUARANTINE, read_parquet
-from dataprep.shard_writer import iter_shard
 from dataprep.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks
 from xsam.data.schema import SEG_TOKEN, ShardSample
-
-
-def read_samples(out: Path) -> dict[str, ShardSample]:
-    samples = {}
-    for shard in sorted((out / "shards").glob("*.tar")):
-        with open(shard, "rb") as f:
-            for k, members in iter_shard(f):
-                samples[k] = ShardSample.model_validate_json(members["json"])
-    return samples
 
 
 def convert(inputs: dict[str, str], out: Path) -> dict:

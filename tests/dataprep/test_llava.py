@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from builders import dataset_files
+from builders import dataset_files, read_samples
 
 from dataprep.convert import ConvertParams
 from dataprep.converters.llava import Llava, split_from_file_name
@@ -14,19 +14,9 @@ from dataprep.examples.llava import FILE, build, entries
 from dataprep.lint import lint_dataset
 from dataprep.manifest import QUARANTINE, read_parquet
 from dataprep.quarantine import InputError
-from dataprep.shard_writer import iter_shard
 from dataprep.storage import open_storage
 from jobs.convert import run_conversion
-from xsam.data.schema import IMAGE_TOKEN, ShardSample
-
-
-def read_samples(out: Path) -> dict[str, tuple[ShardSample, dict[str, bytes]]]:
-    samples = {}
-    for shard in sorted((out / "shards").glob("*.tar")):
-        with open(shard, "rb") as f:
-            for k, members in iter_shard(f):
-                samples[k] = (ShardSample.model_validate_json(members["json"]), members)
-    return samples
+from xsam.data.schema import IMAGE_TOKEN
 
 
 @pytest.fixture(scope="module")

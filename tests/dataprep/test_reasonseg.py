@@ -19,30 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import dataset_files
+from builders import dataset_files, read_samples
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from dataprep.convert import ConvertParams
-from dataprep.converters.reasonseg import decode_annotation, lisa_label_map, polygon_raster
+from dataprep.converters.reasonseg import (
+    decode_annotation,
+    lisa_label_map,
+    polygon_raster,
+)
 from dataprep.examples.reasonseg import NAME_CATS, NAME_REMOTES, NAME_RIDER, build
 from dataprep.lint import lint_dataset
 from dataprep.manifest import QUARANTINE, read_parquet
-from dataprep.shard_writer import iter_shard
 from dataprep.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks
 from xsam.data.render import RenderOptions, load_templates, render_record
-from xsam.data.schema import SEG_TOKEN, ShardSample
-
-
-def read_samples(out: Path) -> dict[str, tuple[ShardSample, dict[str, bytes]]]:
-    samples = {}
-    for shard in sorted((out / "shards").glob("*.tar")):
-        with open(shard, "rb") as f:
-            for k, members in iter_shard(f):
-                samples[k] = (ShardSample.model_validate_json(members["json"]), members)
-    return samples
+from xsam.data.schema import SEG_TOKEN
 
 
 def pil_raster(points: list[list[float]], h: int, w: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import dataset_files
+from builders import read_records as read_samples
 from pycocotools.coco import COCO
 
 from dataprep.convert import ConvertParams
@@ -30,20 +31,10 @@ from dataprep.lint import lint_dataset
 from dataprep.manifest import QUARANTINE, read_parquet
 from dataprep.quarantine import InputError
 from dataprep.safe_pickle import load_data_pickle, loads_data_pickle
-from dataprep.shard_writer import iter_shard
 from dataprep.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks
-from xsam.data.schema import SEG_TOKEN, ShardSample
-
-
-def read_samples(out: Path) -> dict[str, ShardSample]:
-    samples = {}
-    for shard in sorted((out / "shards").glob("*.tar")):
-        with open(shard, "rb") as f:
-            for key, members in iter_shard(f):
-                samples[key] = ShardSample.model_validate_json(members["json"])
-    return samples
+from xsam.data.schema import SEG_TOKEN
 
 
 def convert(corpus: str, out: Path, inputs: dict[str, str]) -> dict:

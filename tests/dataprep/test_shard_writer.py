@@ -7,7 +7,13 @@ import tarfile
 
 import webdataset as wds
 
-from dataprep.shard_writer import ShardEntry, iter_shard, write_shard, write_shard_file, write_shard_tarfile
+from dataprep.shard_writer import (
+    ShardEntry,
+    iter_shard,
+    write_shard,
+    write_shard_file,
+    write_shard_tarfile,
+)
 
 
 def _entries(corpora) -> list[ShardEntry]:

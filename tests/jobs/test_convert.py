@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import build_panoptic, dataset_files
+from builders import build_panoptic, dataset_files, read_samples
 from PIL import Image as PILImage
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
@@ -30,12 +30,10 @@ from typer.testing import CliRunner
 from dataprep.convert import ConvertParams, prepare, run_unit
 from dataprep.converters import get_converter
 from dataprep.manifest import INDEX, MANIFEST, read_parquet, version_id
-from dataprep.shard_writer import iter_shard
 from dataprep.storage import open_storage
 from pipelines.cli import app
 from xsam.data import masks
 from xsam.data.render import Category, load_templates, render_record
-from xsam.data.schema import ShardSample
 
 runner = CliRunner()
 
@@ -53,13 +51,6 @@ def convert_args(corpus: str, out: Path | str, inputs: dict[str, Path], *extra: 
     return [*args, *extra]
 
 
-def read_samples(root: Path) -> dict[str, tuple[ShardSample, dict[str, bytes]]]:
-    out = {}
-    for shard in sorted((root / "shards").glob("*.tar")):
-        with open(shard, "rb") as f:
-            for key, members in iter_shard(f):
-                out[key] = (ShardSample.model_validate_json(members["json"]), members)
-    return out
 
 
 def test_panoptic_round_trip(ray_session, corpora, tmp_path):
