@@ -163,6 +163,83 @@ class CocoJsonConverter(Converter):
         expect = (img.get("height"), img.get("width"))
         return data, image_model(data, info, img["file_name"], expect if None not in expect else None)
 
+    def _annotation_segments(
+        self, upstream: UpstreamRecord, h: int, w: int, parts: list[QuarantineRow]
+    ) -> tuple[list[Segment], list[RLE], list[str]]:
+        """The record's annotations -> (segments sorted by id, crowd masks, category names in order of
+        first appearance), dropping bad annotations as part-level quarantine rows. Without a category
+        table (COCO-Interactive without --instances) integer category ids are kept unnamed."""
+        segments: list[Segment] = []
+        crowd: list[RLE] = []
+        names: list[str] = []
+        anns = [a for a in upstream.payload["annotations"] or [] if isinstance(a, dict)]
+        for ann in sorted(anns, key=lambda a: (str(type(a.get("id"))), a.get("id"))):
+            ann_id = ann.get("id")
+            if not isinstance(ann_id, int):
+                parts.append(
+                    self._part(
+                        upstream,
+                        ann_id,
+                        "invalid_annotation",
+                        f"annotation id {ann_id!r} is not an integer",
+                    )
+                )
+                continue
+            cat = self._categories.get(ann.get("category_id"))  # type: ignore[arg-type]
+            if cat is None and (
+                self._categories or not isinstance(ann.get("category_id"), int)
+            ):
+                parts.append(
+                    self._part(
+                        upstream,
+                        ann_id,
+                        "unknown_category",
+                        f"category_id {ann.get('category_id')!r} is not in `categories`",
+                    )
+                )
+                continue
+            rle, reason, message = polygon_or_rle(ann.get("segmentation"), h, w)
+            if rle is None:
+                parts.append(
+                    self._part(
+                        upstream, ann_id, reason or "invalid_annotation", message
+                    )
+                )
+                continue
+            bbox = ann.get("bbox")
+            if not (
+                isinstance(bbox, list)
+                and len(bbox) == 4
+                and all(isinstance(v, (int, float)) for v in bbox)
+            ):
+                bbox = list(masks.bbox(rle))
+            area = ann.get("area")
+            if not isinstance(area, (int, float)) or area < 0:
+                area = masks.area(rle)
+            iscrowd = bool(ann.get("iscrowd", 0))
+            name = cat["name"] if cat else None
+            phrase_index = None
+            if name is not None:
+                if name not in names:
+                    names.append(name)
+                phrase_index = names.index(name)
+            segments.append(
+                Segment(
+                    id=ann_id,
+                    rle=rle,
+                    category_id=ann.get("category_id"),
+                    category_name=name,
+                    isthing=cat["isthing"] if cat else True,
+                    iscrowd=iscrowd,
+                    bbox=tuple(float(v) for v in bbox),
+                    area=float(area),
+                    phrase_index=phrase_index,
+                )
+            )
+            if iscrowd:
+                crowd.append(rle)
+        return segments, crowd, names
+
     def _record_source(self, upstream: UpstreamRecord) -> Source:
         return Source(
             corpus=self.name, split=upstream.payload["split"],
@@ -232,45 +309,7 @@ class CocoInstances(CocoJsonConverter):
         data, image = self._read_record_image(upstream, options)
         h, w = image.height, image.width
         parts: list[QuarantineRow] = []
-
-        def part(ann_id: Any, reason: str, message: str) -> None:
-            parts.append(self._part(upstream, ann_id, reason, message))
-
-        segments: list[Segment] = []
-        crowd: list[RLE] = []
-        names: list[str] = []
-        for ann in sorted(upstream.payload["annotations"], key=lambda a: (str(type(a.get("id"))), a.get("id"))):
-            ann_id = ann.get("id")
-            cat = self._categories.get(ann.get("category_id"))  # type: ignore[arg-type]
-            if not isinstance(ann_id, int):
-                part(ann_id, "invalid_annotation", f"annotation id {ann_id!r} is not an integer")
-                continue
-            if cat is None:
-                part(ann_id, "unknown_category", f"category_id {ann.get('category_id')!r} is not in `categories`")
-                continue
-            rle, reason, message = polygon_or_rle(ann.get("segmentation"), h, w)
-            if rle is None:
-                part(ann_id, reason or "invalid_annotation", message)
-                continue
-            bbox = ann.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-                bbox = list(masks.bbox(rle))
-            area = ann.get("area")
-            if not isinstance(area, (int, float)) or area < 0:
-                area = masks.area(rle)
-            iscrowd = bool(ann.get("iscrowd", 0))
-            if cat["name"] not in names:
-                names.append(cat["name"])
-            segments.append(
-                Segment(
-                    id=ann_id, rle=rle, category_id=cat["id"], category_name=cat["name"], isthing=cat["isthing"],
-                    iscrowd=iscrowd, bbox=tuple(float(v) for v in bbox), area=float(area),
-                    phrase_index=names.index(cat["name"]),
-                )
-            )
-            if iscrowd:
-                crowd.append(rle)
-
+        segments, crowd, names = self._annotation_segments(upstream, h, w, parts)
         record = Record(
             key=upstream.key,
             task=self.task,

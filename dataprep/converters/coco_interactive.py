@@ -154,7 +154,7 @@ class CocoInteractive(CocoVgd):
         h, w = image.height, image.width
         kinds = flavor_kinds(self.inputs.get("flavor"), self.name)
         parts: list[QuarantineRow] = []
-        segments, crowd, names = self._segments(upstream, h, w, parts)
+        segments, crowd, names = self._annotation_segments(upstream, h, w, parts)
         raw = {
             a.get("id"): a
             for a in upstream.payload["annotations"]

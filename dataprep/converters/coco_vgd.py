@@ -264,7 +264,7 @@ class CocoVgd(CocoJsonConverter):
         h, w = image.height, image.width
         kinds = flavor_kinds(self.inputs.get("flavor"), self.name)
         parts: list[QuarantineRow] = []
-        segments, crowd, names = self._segments(upstream, h, w, parts)
+        segments, crowd, names = self._annotation_segments(upstream, h, w, parts)
         by_cat: dict[int | None, list[int]] = defaultdict(list)
         for seg in segments:
             if not seg.iscrowd:
@@ -305,79 +305,6 @@ class CocoVgd(CocoJsonConverter):
         )
         return Converted(record=record, image_bytes=data, parts=parts)
 
-    def _segments(
-        self, upstream: UpstreamRecord, h: int, w: int, parts: list[QuarantineRow]
-    ) -> tuple[list[Segment], list[RLE], list[str]]:
-        segments: list[Segment] = []
-        crowd: list[RLE] = []
-        names: list[str] = []
-        anns = [a for a in upstream.payload["annotations"] or [] if isinstance(a, dict)]
-        for ann in sorted(anns, key=lambda a: (str(type(a.get("id"))), a.get("id"))):
-            ann_id = ann.get("id")
-            if not isinstance(ann_id, int):
-                parts.append(
-                    self._part(
-                        upstream,
-                        ann_id,
-                        "invalid_annotation",
-                        f"annotation id {ann_id!r} is not an integer",
-                    )
-                )
-                continue
-            cat = self._categories.get(ann.get("category_id"))  # type: ignore[arg-type]
-            if cat is None and (
-                self._categories or not isinstance(ann.get("category_id"), int)
-            ):
-                parts.append(
-                    self._part(
-                        upstream,
-                        ann_id,
-                        "unknown_category",
-                        f"category_id {ann.get('category_id')!r} is not in `categories`",
-                    )
-                )
-                continue
-            rle, reason, message = polygon_or_rle(ann.get("segmentation"), h, w)
-            if rle is None:
-                parts.append(
-                    self._part(
-                        upstream, ann_id, reason or "invalid_annotation", message
-                    )
-                )
-                continue
-            bbox = ann.get("bbox")
-            if not (
-                isinstance(bbox, list)
-                and len(bbox) == 4
-                and all(isinstance(v, (int, float)) for v in bbox)
-            ):
-                bbox = list(masks.bbox(rle))
-            area = ann.get("area")
-            if not isinstance(area, (int, float)) or area < 0:
-                area = masks.area(rle)
-            iscrowd = bool(ann.get("iscrowd", 0))
-            name = cat["name"] if cat else None
-            phrase_index = None
-            if name is not None:
-                if name not in names:
-                    names.append(name)
-                phrase_index = names.index(name)
-            segments.append(
-                Segment(
-                    id=ann_id,
-                    rle=rle,
-                    category_id=ann.get("category_id"),
-                    category_name=name,
-                    isthing=cat["isthing"] if cat else True,
-                    iscrowd=iscrowd,
-                    bbox=tuple(float(v) for v in bbox),
-                    area=float(area),
-                    phrase_index=phrase_index,
-                )
-            )
-            if iscrowd:
-                crowd.append(rle)
-        return segments, crowd, names
 
     @staticmethod
     def _generated_prompts(
