@@ -34,11 +34,16 @@ def semantic_view(record: Record) -> dict[int, RLE]:
     return {cid: masks.union(rles, h, w) for cid, rles in sorted(by_category.items())}
 
 
-def semantic_map(record: Record, category_ids: list[int], ignore_value: int = 255) -> np.ndarray:
+def semantic_map(
+    record: Record, category_ids: list[int], ignore_value: int = 255, *, apply_ignore: bool = True
+) -> np.ndarray:
     """An (H, W) label map: pixel = position of its category in `category_ids`.
 
-    Pixels in `record.ignore`, pixels no segment covers, and pixels of categories missing from
-    `category_ids` get `ignore_value`. Segments are painted in record order (panoptic segments do not
+    Pixels no segment covers and pixels of categories missing from `category_ids` get
+    `ignore_value`; with `apply_ignore` (default) so do the pixels of `record.ignore`.
+    `apply_ignore=False` reproduces COCO's `panoptic_semseg_*` ground truth (Mask2Former's
+    `prepare_coco_semantic_annos_from_panoptic_annos.py`): there a crowd segment keeps its category,
+    whereas a COCO panoptic record's `ignore` also covers crowd regions. Segments are painted in record order (panoptic segments do not
     overlap; if they did, the later one would win). The dtype is uint8 when every label fits, else
     int32.
     """
@@ -53,7 +58,7 @@ def semantic_map(record: Record, category_ids: list[int], ignore_value: int = 25
         k = index.get(_category(record, seg))
         if k is not None:
             out[masks.decode(seg.rle)] = k
-    if record.ignore is not None:
+    if apply_ignore and record.ignore is not None:
         out[masks.decode(record.ignore)] = ignore_value
     return out
 

@@ -55,6 +55,24 @@ def test_semantic_map_indexes_categories_and_ignores_void(panoptic) -> None:
         semantic_map(record, category_ids, ignore_value=0)
 
 
+def test_semantic_map_reproduces_coco_panoptic_semseg(panoptic) -> None:
+    """COCO's panoptic_semseg ground truth, computed here as Mask2Former's preparation script does
+    (255 everywhere, then every listed segment, crowd included, gets its category's list index)."""
+    record, ids, cats = panoptic
+    category_ids = list(cats)  # the categories in the panoptic JSON's list order
+    reference = np.full(ids.shape, 255, np.uint8)
+    for seg in record.segments:
+        reference[ids == seg.id] = category_ids.index(seg.category_id)
+    assert any(seg.iscrowd for seg in record.segments)
+    assert np.array_equal(semantic_map(record, category_ids, apply_ignore=False), reference)
+    crowd = np.isin(ids, [seg.id for seg in record.segments if seg.iscrowd])
+    # a converted COCO panoptic record's ignore is void + crowd (dataprep.converters.coco_panoptic)
+    record = record.model_copy(update={"ignore": masks.encode((ids == 0) | crowd)})
+    assert np.array_equal(semantic_map(record, category_ids, apply_ignore=False), reference)
+    default = semantic_map(record, category_ids)  # honours record.ignore: crowd pixels ignored
+    assert np.all(default[crowd] == 255) and np.array_equal(default[~crowd], reference[~crowd])
+
+
 def test_instance_view_keeps_things_and_crowd(panoptic) -> None:
     record, _, cats = panoptic
     things = instance_view(record)
