@@ -8,7 +8,8 @@ on the same (possibly noisy, shared) machine seconds apart (see docs/benchmarks.
 - inputs, built from the real samples in the corpora folder (never invented annotations):
   * `instances-jpeg` (N = --records, 600): COCO instances over the real COCO val2017 JPEG
     000000439180 (640x360, 198 KB) with its 32 real RLE annotations (`coco_instances/annotations/
-    panoptic_coco_detection_format.json`), replicated under image ids 1..N;
+    panoptic_coco_detection_format.json`), replicated under image ids 1..N
+    (`tests/builders.py::build_instances(sample="rle")`);
   * `panoptic` (--panoptic-records, 200): `tests/builders.py::build_panoptic` (the same JPEG + its
     real panoptic PNG); fewer records by default only because it converts ~5x slower;
 - floors, over the same image files and the same shard grouping (`dataprep.convert.make_units`):
@@ -37,7 +38,6 @@ asserted on timings: the script reports, and says whether the issue's targets we
 from __future__ import annotations
 
 import argparse
-import copy
 import cProfile
 import importlib.util
 import io
@@ -83,30 +83,6 @@ def _load_builders() -> Any:
 # ---- inputs -----------------------------------------------------------------------------------
 
 
-def build_instances_jpeg(corpora: Path, out: Path, n: int) -> dict[str, Path]:
-    """COCO instances over the real JPEG 439180 with its 32 real RLE annotations, under ids 1..n."""
-    src = corpora / "coco_instances"
-    doc = json.loads((src / "annotations" / "panoptic_coco_detection_format.json").read_text())
-    image0 = doc["images"][0]
-    anns0 = doc["annotations"]
-    jpg = (src / "val2017" / image0["file_name"]).read_bytes()
-    images_dir = out / "val2017"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    doc["images"], doc["annotations"] = [], []
-    next_ann = 1
-    for i in range(1, n + 1):
-        name = f"{i:012d}.jpg"
-        (images_dir / name).write_bytes(jpg)
-        doc["images"].append({**image0, "id": i, "file_name": name})
-        for ann in anns0:
-            doc["annotations"].append({**copy.deepcopy(ann), "image_id": i, "id": next_ann})
-            next_ann += 1
-    annotations = out / "annotations" / "instances_val2017.json"
-    annotations.parent.mkdir(parents=True, exist_ok=True)
-    annotations.write_text(json.dumps(doc))
-    return {"images": images_dir, "annotations": annotations}
-
-
 @dataclass
 class Case:
     name: str  # row label
@@ -122,7 +98,7 @@ def build_cases(root: Path, sizes: dict[str, int], corpora: Path) -> list[Case]:
     """The corpora named in `sizes` (name -> records), plus an 8-record warm-up copy of each."""
     builders = _load_builders()
     makers = {
-        "instances-jpeg": ("coco-instances", build_instances_jpeg),
+        "instances-jpeg": ("coco-instances", lambda c, o, n: builders.build_instances(c, o, n, sample="rle")),
         "panoptic": ("coco-panoptic", builders.build_panoptic),
     }
     cases = []

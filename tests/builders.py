@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,20 +45,30 @@ def build_panoptic(corpora: Path, out: Path, n: int) -> dict[str, Path]:
     return {"images": images_dir, "annotations": annotations, "masks": masks_dir}
 
 
-def build_instances(corpora: Path, out: Path, n: int) -> dict[str, Path]:
-    """A COCO instances layout with `n` copies of the real polygon sample (image 39769)."""
-    src = corpora / "coco_instances_polygons"
-    doc = load_json(src / "annotations" / "instances_val2017.json")
+INSTANCE_SAMPLES = {
+    # the real polygon sample: image 39769 (PNG), 6 polygon annotations
+    "polygons": ("coco_instances_polygons", "instances_val2017.json"),
+    # the real RLE sample: the JPEG 439180 with 32 RLE annotations (2 crowd)
+    "rle": ("coco_instances", "panoptic_coco_detection_format.json"),
+}
+
+
+def build_instances(corpora: Path, out: Path, n: int, sample: str = "polygons") -> dict[str, Path]:
+    """A COCO instances layout with `n` copies of a real sample (see INSTANCE_SAMPLES)."""
+    folder, annotation_file = INSTANCE_SAMPLES[sample]
+    src = corpora / folder
+    doc = load_json(src / "annotations" / annotation_file)
     image0 = doc["images"][0]
     anns0 = doc["annotations"]
     images_dir = out / "val2017"
     images_dir.mkdir(parents=True, exist_ok=True)
-    png = (src / "val2017" / image0["file_name"]).read_bytes()
+    image_bytes = (src / "val2017" / image0["file_name"]).read_bytes()
+    ext = Path(image0["file_name"]).suffix
     doc["images"], doc["annotations"] = [], []
     next_ann = 1
     for i in range(1, n + 1):
-        name = f"{i:012d}.png"
-        (images_dir / name).write_bytes(png)
+        name = f"{i:012d}{ext}"
+        (images_dir / name).write_bytes(image_bytes)
         doc["images"].append({**image0, "id": i, "file_name": name})
         for ann in anns0:
             doc["annotations"].append({**copy.deepcopy(ann), "image_id": i, "id": next_ann})
@@ -125,10 +134,6 @@ def panoptic_sample_record(corpora: Path):
         ignore=masks.encode(ids == 0),  # void pixels
     )
     return record, ids, doc
-
-
-def copy_tree_files(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst)
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
