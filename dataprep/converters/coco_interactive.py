@@ -36,15 +36,12 @@ from dataprep.converters.base import (
     ConvertOptions,
     Plan,
     UpstreamRecord,
-    estimate_bytes,
     load_json_input,
 )
-from dataprep.converters.coco_instances import category_table, image_entries
 from dataprep.converters.coco_vgd import CocoVgd, flavor_kinds, prompt_rle
 from dataprep.quarantine import InputError, QuarantineRow, RecordRejected
-from dataprep.sources import open_tree
 from xsam.data import masks, vprompts
-from xsam.data.schema import Record, VisualPrompt, make_key
+from xsam.data.schema import Record, VisualPrompt
 
 FIX_INTERACTIVE = "pass PSALM's COCO-Interactive JSON, e.g. coco_int/annotations/coco_interactive_val_psalm.json"
 PROMPT_KEYS = {f"{k}_visual_prompt_mask": k for k in vprompts.KINDS}
@@ -89,64 +86,7 @@ class CocoInteractive(CocoVgd):
             raise InputError(
                 f"--annotations: {path} must be a JSON list of image records; {self.fix}"
             )
-        self._categories = {}
-        if self.inputs.get("instances"):
-            inst, _ = load_json_input(
-                self.inputs["instances"], "instances", "pass a COCO instances JSON"
-            )
-            self._categories = category_table(
-                inst.get("categories") if isinstance(inst, dict) else None,
-                self.inputs["instances"],
-                "instances",
-                "pass a COCO instances JSON",
-            )
-        split = self._split()
-        entries = []
-        for i, rec in enumerate(data):
-            info = rec.get("image_info") if isinstance(rec, dict) else None
-            ok = isinstance(info, dict) and isinstance(rec.get("anns"), list)
-            entries.append(
-                {**info, "_anns": rec["anns"], "_image": rec.get("image")}
-                if ok
-                else {"id": f"[{i}]"}
-            )
-        by_id, rows = image_entries(
-            entries, corpus=self.name, split=split, source_file=self._source.name
-        )
-        tree = open_tree(self.inputs["images"], option="--images")
-        records = []
-        for image_id, info in by_id.items():
-            anns = info.pop("_anns")
-            info.pop("_image", None)
-            key = make_key(self.name, split, image_id)
-            if not anns:
-                rows.append(
-                    QuarantineRow(
-                        level="record",
-                        source_file=self._source.name,
-                        record_id=str(image_id),
-                        part_id="",
-                        key=key,
-                        reason="missing_annotation",
-                        message=f"image {info['file_name']}: `anns` is empty",
-                    )
-                )
-                continue
-            records.append(
-                UpstreamRecord(
-                    key=key,
-                    record_id=str(image_id),
-                    image_name=info["file_name"],
-                    est_bytes=estimate_bytes(tree, info["file_name"]),
-                    payload={
-                        "image": info,
-                        "annotations": anns,
-                        "split": split,
-                        "format": "psalm",
-                    },
-                )
-            )
-        return self._plan(records, rows)
+        return self._plan_image_list(data, anns_key="anns", fmt="psalm", empty_is_missing=True)
 
     def convert(self, upstream: UpstreamRecord, options: ConvertOptions) -> Converted:
         img = upstream.payload["image"]

@@ -139,7 +139,7 @@ class CocoVgd(CocoJsonConverter):
         path = self.inputs["annotations"]
         data, self._source = load_json_input(path, "annotations", self.fix)
         if isinstance(data, list):
-            return self._plan_pregenerated(data)
+            return self._plan_image_list(data, anns_key="annotations", fmt="xsam", empty_is_missing=False)
         if not isinstance(data, dict) or any(
             k not in data for k in ("images", "annotations", "categories")
         ):
@@ -203,55 +203,55 @@ class CocoVgd(CocoJsonConverter):
         ]
         return self._plan(records, rows)
 
-    def _plan_pregenerated(self, data: list[Any]) -> Plan:
+    def _load_instance_categories(self) -> None:
+        """`--instances`: the COCO category table that names the categories (optional)."""
         self._categories = {}
         if self.inputs.get("instances"):
             from dataprep.converters.base import load_json_input
 
-            inst, _ = load_json_input(
-                self.inputs["instances"], "instances", "pass a COCO instances JSON"
-            )
+            inst, _ = load_json_input(self.inputs["instances"], "instances", "pass a COCO instances JSON")
             self._categories = category_table(
                 inst.get("categories") if isinstance(inst, dict) else None,
                 self.inputs["instances"],
                 "instances",
                 "pass a COCO instances JSON",
             )
+
+    def _plan_image_list(self, data: list[Any], *, anns_key: str, fmt: str, empty_is_missing: bool) -> Plan:
+        """Plan a JSON list of `{image_info: {...}, <anns_key>: [COCO annotations + prompts]}` records
+        (X-SAM's pre-generated VGD file, PSALM's COCO-Interactive file)."""
+        self._load_instance_categories()
         split = self._split()
         images = []
         for i, entry in enumerate(data):
             info = entry.get("image_info") if isinstance(entry, dict) else None
-            if not isinstance(info, dict) or not isinstance(
-                entry.get("annotations"), list
-            ):
+            if not isinstance(info, dict) or not isinstance(entry.get(anns_key), list):
                 info = {"id": f"[{i}]"}
-            images.append(
-                {
-                    **info,
-                    "_annotations": entry.get("annotations")
-                    if isinstance(entry, dict)
-                    else None,
-                }
-            )
-        by_id, rows = image_entries(
-            images, corpus=self.name, split=split, source_file=self._source.name
-        )
+                anns = None
+            else:
+                anns = entry[anns_key]
+            images.append({**info, "_annotations": anns})
+        by_id, rows = image_entries(images, corpus=self.name, split=split, source_file=self._source.name)
         tree = open_tree(self.inputs["images"], option="--images")
         records = []
         for image_id, img in by_id.items():
             anns = img.pop("_annotations")
+            key = make_key(self.name, split, image_id)
+            if empty_is_missing and not anns:
+                rows.append(
+                    QuarantineRow(
+                        level="record", source_file=self._source.name, record_id=str(image_id), part_id="",
+                        key=key, reason="missing_annotation", message=f"image {img['file_name']}: `{anns_key}` is empty",
+                    )
+                )
+                continue
             records.append(
                 UpstreamRecord(
-                    key=make_key(self.name, split, image_id),
+                    key=key,
                     record_id=str(image_id),
                     image_name=img["file_name"],
                     est_bytes=estimate_bytes(tree, img["file_name"]),
-                    payload={
-                        "image": img,
-                        "annotations": anns,
-                        "split": split,
-                        "format": "xsam",
-                    },
+                    payload={"image": img, "annotations": anns, "split": split, "format": fmt},
                 )
             )
         return self._plan(records, rows)
