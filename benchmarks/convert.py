@@ -122,7 +122,7 @@ def plan(case: Case, params: Any, out: Path) -> Any:
     """`prepare` (as a conversion does) into OUT; fills the case's per-unit image files."""
     from dataprep.convert import prepare
     from dataprep.converters import get_converter
-    from dataprep.storage import open_storage
+    from xsam.data.storage import open_storage
 
     shutil.rmtree(out, ignore_errors=True)
     prepared = prepare(get_converter(case.corpus)(**case.inputs), open_storage(str(out)), params)
@@ -266,7 +266,7 @@ def cpu_pass(case: Case, prepared: Any, units: int, scratch: Path) -> tuple[floa
     """In this process, no Ray: CPU seconds (`time.process_time`) of the plain copy of the first
     UNITS units, then of `run_unit` on the same units. Returns (copy CPU s, convert CPU s, records)."""
     from dataprep.convert import run_unit
-    from dataprep.storage import open_storage
+    from xsam.data.storage import open_storage
 
     chosen = prepared.units[:units]
     records = sum(len(u.records) for u in chosen)
@@ -542,7 +542,7 @@ def write_docs(table: str) -> None:
 def profile(args: argparse.Namespace) -> None:
     """cProfile of `run_unit` on one unit, in this process (no Ray), for every case and verify mode."""
     from dataprep.convert import ConvertParams, run_unit
-    from dataprep.storage import open_storage
+    from xsam.data.storage import open_storage
 
     root = Path(tempfile.mkdtemp(prefix="xsam-bench-profile-"))
     try:

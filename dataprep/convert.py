@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dataprep.converters.base import ConvertOptions, Converter, Plan, UpstreamRecord
-from dataprep.manifest import (
+from xsam.data.manifest import (
     DATASET,
     INDEX,
     INDEX_SCHEMA,
@@ -41,7 +41,7 @@ from dataprep.manifest import (
 from dataprep.quarantine import InputError, QuarantineRow, Rejected
 from dataprep.shard_writer import ShardEntry, canonical_json, tar_overhead, write_shard_file
 from dataprep.shard_writer import sample_json as shard_sample_json
-from dataprep.storage import Storage
+from xsam.data.storage import Storage
 from xsam.data.render import Category, RenderOptions, load_templates, render_record
 from xsam.data.schema import SCHEMA_VERSION, ShardSample
 

@@ -13,8 +13,8 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from dataprep.manifest import INDEX, load_dataset, read_parquet
-from dataprep.storage import Storage
+from xsam.data.manifest import INDEX, load_dataset, read_parquet
+from xsam.data.storage import Storage
 
 CATEGORIES = ("added", "removed", "changed", "unchanged")
 # dataset.json fields compared as a whole (besides `parameters` and `inputs`, compared per entry)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dataprep.manifest import QUARANTINE, load_dataset, read_parquet
-from dataprep.storage import Storage
+from xsam.data.manifest import QUARANTINE, load_dataset, read_parquet
+from xsam.data.storage import Storage
 
 
 def dataset_info(storage: Storage) -> dict[str, Any]:

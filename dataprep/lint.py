@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from dataprep.imagecheck import DEFAULT_MAX_PIXELS, ImageRejected, inspect_image
-from dataprep.manifest import (
+from xsam.data.manifest import (
     DATASET,
     INDEX,
     INDEX_SCHEMA,
@@ -51,7 +51,7 @@ from dataprep.manifest import (
     read_parquet_table,
 )
 from dataprep.shard_writer import canonical_json
-from dataprep.storage import CHUNK, Storage
+from xsam.data.storage import CHUNK, Storage
 from xsam.data import masks
 from xsam.data.schema import KEY_PATTERN, RLE, ShardSample
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataprep.manifest import DATASET, INDEX, load_dataset, read_parquet
-from dataprep.storage import Storage
+from xsam.data.manifest import DATASET, INDEX, load_dataset, read_parquet
+from xsam.data.storage import Storage
 
 # Corpora whose `upstream_ids["image_id"]` is a COCO image id (their images are COCO images).
 COCO_CORPORA = frozenset(

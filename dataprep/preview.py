@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dataprep.lint import group_by_key, iter_members
-from dataprep.manifest import INDEX, SHARDS_DIR, load_dataset, read_parquet
-from dataprep.storage import Storage
+from xsam.data.manifest import INDEX, SHARDS_DIR, load_dataset, read_parquet
+from xsam.data.storage import Storage
 from xsam.data import masks
 from xsam.data.schema import Item, Record, ShardSample
 

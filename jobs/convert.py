@@ -27,9 +27,9 @@ from rich.table import Table
 
 from dataprep.convert import ConvertParams, Prepared, UnitResult, cleanup_complete, finalize, prepare, run_unit
 from dataprep.converters import get_converter
-from dataprep.manifest import DATASET, LOGS_DIR
+from xsam.data.manifest import DATASET, LOGS_DIR
 from dataprep.shard_writer import canonical_json
-from dataprep.storage import Storage, open_storage
+from xsam.data.storage import Storage, open_storage
 
 
 @dataclass(kw_only=True, slots=True)

@@ -19,7 +19,7 @@ from dataprep.convert import DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES,
 from dataprep.converters import CONVERTERS
 from dataprep.imagecheck import DEFAULT_MAX_PIXELS
 from dataprep.quarantine import InputError
-from dataprep.storage import open_storage
+from xsam.data.storage import open_storage
 
 app = typer.Typer(help="Convert corpora into WebDataset shards; inspect the datasets.", no_args_is_help=True)
 err_console = Console(stderr=True)

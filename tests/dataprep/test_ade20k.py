@@ -29,9 +29,9 @@ from builders import read_samples
 from dataprep.convert import ConvertParams
 from dataprep.converters import get_converter
 from dataprep.converters.ade20k import Ade20k, semantic_label_map
-from dataprep.manifest import QUARANTINE, read_parquet
+from xsam.data.manifest import QUARANTINE, read_parquet
 from dataprep.quarantine import InputError
-from dataprep.storage import open_storage
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks
 from xsam.data.schema import Record

@@ -17,8 +17,8 @@ from pycocotools import mask as mask_utils
 from dataprep.convert import ConvertParams
 from dataprep.examples import coco_interactive as example
 from dataprep.lint import lint_dataset
-from dataprep.manifest import QUARANTINE, read_parquet
-from dataprep.storage import open_storage
+from xsam.data.manifest import QUARANTINE, read_parquet
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks, vprompts
 from xsam.data.schema import REGION_TOKEN, SEG_TOKEN

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from dataprep.convert import ConvertParams
 from dataprep.diff import DiffInputError, diff_datasets
-from dataprep.manifest import version_id
-from dataprep.storage import open_storage
+from xsam.data.manifest import version_id
+from xsam.data.storage import open_storage
 from pipelines.cli import app
 
 KEY = "coco-panoptic-val2017-000000439180"

@@ -18,8 +18,8 @@ from pycocotools import mask as mask_utils
 from dataprep.convert import ConvertParams
 from dataprep.examples.gcg import build
 from dataprep.lint import lint_dataset
-from dataprep.manifest import QUARANTINE, read_parquet
-from dataprep.storage import open_storage
+from xsam.data.manifest import QUARANTINE, read_parquet
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks
 from xsam.data.schema import SEG_TOKEN, ShardSample

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from dataprep.convert import ConvertParams
 from dataprep.info import dataset_info, mixture_info
-from dataprep.storage import open_storage
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 from pipelines.cli import app
 

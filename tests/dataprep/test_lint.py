@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from dataprep.lint import check_rle, lint_dataset, rle_counts
-from dataprep.manifest import (
+from xsam.data.manifest import (
     INDEX,
     INDEX_SCHEMA,
     MANIFEST,
@@ -26,7 +26,7 @@ from dataprep.manifest import (
     read_parquet,
 )
 from dataprep.shard_writer import ShardEntry, canonical_json, iter_shard, write_shard
-from dataprep.storage import open_storage
+from xsam.data.storage import open_storage
 from pipelines.cli import app
 from xsam.data.schema import RLE
 

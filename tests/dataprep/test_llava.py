@@ -12,9 +12,9 @@ from dataprep.convert import ConvertParams
 from dataprep.converters.llava import Llava, split_from_file_name
 from dataprep.examples.llava import FILE, build, entries
 from dataprep.lint import lint_dataset
-from dataprep.manifest import QUARANTINE, read_parquet
+from xsam.data.manifest import QUARANTINE, read_parquet
 from dataprep.quarantine import InputError
-from dataprep.storage import open_storage
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data.schema import IMAGE_TOKEN
 

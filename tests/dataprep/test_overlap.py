@@ -24,9 +24,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from dataprep.convert import ConvertParams
-from dataprep.manifest import INDEX, read_parquet
+from xsam.data.manifest import INDEX, read_parquet
 from dataprep.overlap import COCO_CORPORA, coco_image_id, overlap_report
-from dataprep.storage import open_storage
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 from pipelines.cli import app
 

@@ -16,7 +16,7 @@ from dataprep.preview import (
     render_preview,
     segment_color,
 )
-from dataprep.storage import open_storage
+from xsam.data.storage import open_storage
 from pipelines.cli import app
 from xsam.data import masks
 

@@ -20,8 +20,8 @@ from builders import build_instances, build_panoptic, load_json
 from PIL import Image as PILImage
 
 from dataprep.convert import ConvertParams
-from dataprep.manifest import INDEX, QUARANTINE, read_parquet
-from dataprep.storage import open_storage
+from xsam.data.manifest import INDEX, QUARANTINE, read_parquet
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 
 

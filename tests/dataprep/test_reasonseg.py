@@ -31,8 +31,8 @@ from dataprep.converters.reasonseg import (
 )
 from dataprep.examples.reasonseg import NAME_CATS, NAME_REMOTES, NAME_RIDER, build
 from dataprep.lint import lint_dataset
-from dataprep.manifest import QUARANTINE, read_parquet
-from dataprep.storage import open_storage
+from xsam.data.manifest import QUARANTINE, read_parquet
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks
 from xsam.data.render import RenderOptions, load_templates, render_record

@@ -28,10 +28,10 @@ from dataprep.convert import ConvertParams
 from dataprep.converters import get_converter
 from dataprep.examples.refer import Py2Pickler, build, py2_pickle
 from dataprep.lint import lint_dataset
-from dataprep.manifest import QUARANTINE, read_parquet
+from xsam.data.manifest import QUARANTINE, read_parquet
 from dataprep.quarantine import InputError
 from dataprep.safe_pickle import load_data_pickle, loads_data_pickle
-from dataprep.storage import open_storage
+from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 from xsam.data import masks
 from xsam.data.schema import SEG_TOKEN

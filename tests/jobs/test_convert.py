@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 
 from dataprep.convert import ConvertParams, prepare, run_unit
 from dataprep.converters import get_converter
-from dataprep.manifest import INDEX, MANIFEST, read_parquet, version_id
-from dataprep.storage import open_storage
+from xsam.data.manifest import INDEX, MANIFEST, read_parquet, version_id
+from xsam.data.storage import open_storage
 from pipelines.cli import app
 from xsam.data import masks
 from xsam.data.render import Category, load_templates, render_record

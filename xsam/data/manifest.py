@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.storage import Storage
+from xsam.data.storage import Storage
 
 MANIFEST = "manifest.parquet"
 INDEX = "index.parquet"
