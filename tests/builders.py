@@ -27,7 +27,7 @@ def build_panoptic(corpora: Path, out: Path, n: int) -> dict[str, Path]:
     src = corpora / "coco_panoptic"
     doc = load_json(src / "annotations" / "panoptic_val2017.json")
     image0, ann0 = doc["images"][0], doc["annotations"][0]
-    images_dir = out / "val2017"
+    images_dir = out / split
     masks_dir = out / "annotations" / "panoptic_val2017"
     images_dir.mkdir(parents=True, exist_ok=True)
     masks_dir.mkdir(parents=True, exist_ok=True)
@@ -53,14 +53,16 @@ INSTANCE_SAMPLES = {
 }
 
 
-def build_instances(corpora: Path, out: Path, n: int, sample: str = "polygons") -> dict[str, Path]:
-    """A COCO instances layout with `n` copies of a real sample (see INSTANCE_SAMPLES)."""
+def build_instances(
+    corpora: Path, out: Path, n: int, sample: str = "polygons", split: str = "val2017"
+) -> dict[str, Path]:
+    """A COCO instances layout with `n` copies of a real sample (see INSTANCE_SAMPLES) as `split`."""
     folder, annotation_file = INSTANCE_SAMPLES[sample]
     src = corpora / folder
     doc = load_json(src / "annotations" / annotation_file)
     image0 = doc["images"][0]
     anns0 = doc["annotations"]
-    images_dir = out / "val2017"
+    images_dir = out / split
     images_dir.mkdir(parents=True, exist_ok=True)
     image_bytes = (src / "val2017" / image0["file_name"]).read_bytes()
     ext = Path(image0["file_name"]).suffix
@@ -73,7 +75,7 @@ def build_instances(corpora: Path, out: Path, n: int, sample: str = "polygons") 
         for ann in anns0:
             doc["annotations"].append({**copy.deepcopy(ann), "image_id": i, "id": next_ann})
             next_ann += 1
-    annotations = out / "annotations" / "instances_val2017.json"
+    annotations = out / "annotations" / f"instances_{split}.json"
     annotations.parent.mkdir(parents=True, exist_ok=True)
     annotations.write_text(json.dumps(doc))
     return {"images": images_dir, "annotations": annotations}
@@ -155,6 +157,26 @@ def convert_once(tmp_path_factory, name: str, corpus: str, inputs: dict, params:
     if not (out / "manifest.parquet").exists():
         run_conversion(corpus, str(out), inputs, params, num_workers=1, console=Console(quiet=True))
     return out
+
+
+def convert_local(corpus: str, out: Path, inputs: dict, params: ConvertParams | None = None) -> Path:
+    """Convert in this process, without Ray (prepare, every unit, finalize): for tests that need
+    a dataset folder, not the conversion job."""
+    from dataprep.convert import ConvertParams, finalize, prepare, run_unit
+    from dataprep.converters import get_converter
+    from xsam.data.storage import open_storage
+
+    params = params or ConvertParams()
+    storage = open_storage(out)
+    converter = get_converter(corpus)(**{k: str(v) for k, v in inputs.items()})
+    prepared = prepare(converter, storage, params)
+    if not prepared.complete:
+        results = [
+            run_unit(converter, unit, storage, params, prepared.digest, prepared.plan.categories)
+            for unit in prepared.units
+        ]
+        finalize(prepared, storage, results)
+    return Path(out)
 
 
 def panoptic_inputs(root: Path, annotations: Path | None = None) -> dict[str, str]:

@@ -19,11 +19,16 @@ from dataprep.convert import DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES,
 from dataprep.converters import CONVERTERS
 from dataprep.imagecheck import DEFAULT_MAX_PIXELS
 from dataprep.quarantine import InputError
+from pipelines.cli import stream as stream_cli
 from xsam.data.storage import open_storage
 
 app = typer.Typer(help="Convert corpora into WebDataset shards; inspect the datasets.", no_args_is_help=True)
 err_console = Console(stderr=True)
 out_console = Console()
+
+
+app.command("mix")(stream_cli.mix)
+app.command("stream")(stream_cli.stream)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -86,6 +86,10 @@ class Storage(ABC):
     def describe(self, rel: str = "") -> str:
         return f"{self.url.rstrip('/')}/{rel}" if rel else self.url
 
+    def local_path(self, rel: str) -> Path | None:
+        """The file's path when it is on a local file system (readers seek in it), else None."""
+        return None
+
 
 class LocalStorage(Storage):
     def __init__(self, root: str | Path) -> None:
@@ -135,6 +139,9 @@ class LocalStorage(Storage):
 
     def get_bytes(self, rel: str) -> bytes:
         return self._path(rel).read_bytes()
+
+    def local_path(self, rel: str) -> Path | None:
+        return self._path(rel)
 
     def open_read(self, rel: str) -> BinaryIO:
         return open(self._path(rel), "rb")
@@ -187,8 +194,11 @@ class S3Storage(Storage):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        # endpoint (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) and credentials: from the environment
-        self.client = boto3.client("s3")
+        from botocore.config import Config
+
+        # endpoint (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) and credentials: from the environment;
+        # throttling and dropped connections are retried with backoff ("standard" mode)
+        self.client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "standard"}))
 
     def __getstate__(self) -> dict:
         return {"url": self.url}
