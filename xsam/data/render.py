@@ -271,12 +271,16 @@ class RenderOptions:
         genseg_num_class: `num_class` of the "sampled" vocabulary (128 on `main`).
         mode: "train" or "eval" items; "auto" decides per record from `record.source.split`
             (names starting with "train" render training items).
+        vgd_negatives: paper branch: vgdseg training items get up to 5 negative regions half the
+            time, whose features the loader takes from another sample of the micro-batch. A loader
+            whose micro-batches hold one item has no other sample and renders without them.
     """
 
     image_newline: bool = True
     genseg_vocabulary: Literal["full", "sampled"] = "full"
     genseg_num_class: int = 128
     mode: Literal["train", "eval", "auto"] = "auto"
+    vgd_negatives: bool = True
 
     def __post_init__(self) -> None:
         if self.genseg_vocabulary not in ("full", "sampled"):
@@ -723,7 +727,7 @@ def _render_regions(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     if ctx.mode == "train":
         rng = ctx.rng(0)
         chosen: list[int | None] = [rng.choice(m) for m in members]
-        if record.task == "vgdseg" and rng.random() < 0.5:
+        if record.task == "vgdseg" and ctx.options.vgd_negatives and rng.random() < 0.5:
             # paper branch: up to 5 negative regions, whose <region> features the loader takes from
             # another sample of the batch; here they are spans with no prompt and no target
             chosen += [None] * rng.randint(0, NUM_VGD_NEGATIVES)

@@ -1,0 +1,189 @@
+"""Turn a planned item into a model-ready `Sample` (in a loader worker), and micro-batches into `Batch`es.
+
+Per item (`XSamBuilder.build`):
+1. parse the record from the shard's `KEY.json` and render its items again with the mixture's seed
+   and the item's source pass as the epoch (`xsam.data.render`: new templates, category order and
+   VGD negatives on every pass; evaluation items are fixed);
+2. decode the image and make both encoder inputs (`xsam.data.transforms`; stage-1 jitter when
+   configured, drawn from a rng seeded by (seed, item key, pass): a pure function of the item);
+3. decode the item's target masks, the record's `ignore` region and the visual prompts, and send
+   them through the same geometry;
+4. wrap the turns in the LLM's chat format and tokenise (`xsam.text.encode`): labels on answers
+   only, `cond_ids`/`seg_ids`, and the length policy: a too-long item drops trailing turns (with
+   their spans, `<SEG>`s and masks), counted in `Batch.truncated`; one whose first turn alone is
+   too long is a bad item (`TextTooLong`), which the loader replaces and counts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from xsam.data.batch import Batch, Sample, collate
+from xsam.data.loader import RawItem
+from xsam.data.plan import derive_seed
+from xsam.data.render import Category, RenderOptions, Templates, load_templates, render_record
+from xsam.data.schema import ShardSample
+from xsam.data.transforms import PreprocessConfig, decode_image, seg_pixels, vision_pixels
+from xsam.data.vprompts import rasterise_prompt
+from xsam.text.chat import get_chat_format
+from xsam.text.encode import Truncation, encode_item
+from xsam.text.tokenizer import load_tokenizer
+from xsam.text.tokens import special_ids
+
+_REGION_TASKS = ("intseg", "vgdseg")
+
+
+@dataclass(kw_only=True)
+class XSamBuilder:
+    """Builds X-SAM samples; picklable (the tokenizer and templates load lazily in each worker).
+
+    Args:
+        tokenizer: a local tokenizer folder (`xsam.text.tokenizer.build_tiny_tokenizer` for tests,
+            the LLM's folder for real runs).
+        chat_format: `phi3_chat`, `qwen3_instruct` or `qwen3_wothinking` (spec §1.2).
+        max_length: text tokens per item, sentinels counted once (Phi-3: 4096 - 729 - 1024 = 2343).
+        truncation: `drop_turns` (default) or `error` (a too-long item is a bad item).
+        preprocess: image sizes, normalisation, stage-1 jitter.
+        render: rendering options (paper branch by default). With `micro_batch_size` 1 there is no
+            other sample to take VGD negative regions from, so they are not rendered.
+        templates: a templates YAML replacing the packaged one.
+        seed: the mixture's seed (renders and augmentations derive from it).
+        micro_batch_size: the loader's, see `render`.
+    """
+
+    tokenizer: str | Path
+    chat_format: str = "phi3_chat"
+    max_length: int | None = 2343
+    truncation: Truncation = "drop_turns"
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    render: RenderOptions = field(default_factory=RenderOptions)
+    templates: str | Path | None = None
+    seed: int = 0
+    micro_batch_size: int = 2
+    _state: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_state"] = None  # the tokenizer is loaded again in each worker
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _loaded(self) -> dict[str, Any]:
+        if self._state is None:
+            tokenizer = load_tokenizer(self.tokenizer)
+            options = self.render
+            if self.micro_batch_size < 2 and options.vgd_negatives:
+                options = RenderOptions(**{**options.__dict__, "vgd_negatives": False})
+            self._state = {
+                "tokenizer": tokenizer,
+                "ids": special_ids(tokenizer),
+                "chat": get_chat_format(self.chat_format),
+                "templates": load_templates(self.templates),
+                "options": options,
+                "vocabularies": {},
+            }
+        return self._state
+
+    @property
+    def pad_id(self) -> int:
+        return self._loaded()["ids"].pad
+
+    def _vocabulary(self, raw: RawItem) -> list[Category] | None:
+        cache = self._loaded()["vocabularies"]
+        if raw.source.name not in cache:
+            table = raw.source.meta.get("categories") or []
+            cache[raw.source.name] = (
+                [Category(id=c["id"], name=c["name"], isthing=bool(c.get("isthing", True))) for c in table] or None
+            )
+        return cache[raw.source.name]
+
+    def build(self, raw: RawItem) -> Sample:
+        st = self._loaded()
+        record = ShardSample.model_validate_json(raw.sample_json()).record
+        templates: Templates = st["templates"]
+        items = render_record(
+            record, seed=self.seed, epoch=raw.ref.pass_, templates=templates, options=st["options"],
+            vocabulary=self._vocabulary(raw),
+        )
+        if raw.item_index >= len(items):
+            raise ValueError(f"{raw.key}: the record renders {len(items)} items, not {raw.item_index + 1}")
+        item = items[raw.item_index]
+        text = encode_item(item, st["tokenizer"], st["chat"], max_length=self.max_length, truncation=self.truncation)
+        spans, segs = item.spans[: text.spans_kept], item.segs[: text.segs_kept]
+
+        cfg = self.preprocess
+        s = cfg.seg_size
+        pixel_values = seg_values = geometry = ignore = None
+        masks = torch.zeros((0, s, s), dtype=torch.bool)
+        regions = torch.zeros((0, s, s), dtype=torch.bool)
+        mask_spans: list[int] = []
+        mask_segs: list[int] = []
+        region_slots: list[int] = []
+        if record.image is not None:
+            image = decode_image(raw.member(record.image.ext), name=f"{raw.source.name}:{raw.key}")
+            rng = random.Random(derive_seed(self.seed, "augment", raw.key, raw.ref.pass_)) if cfg.lsj else None
+            pixel_values = vision_pixels(image, cfg)
+            seg_values, geometry = seg_pixels(image, cfg, rng)
+            h, w = image.shape[:2]
+            rles: list = []
+            for j, seg in enumerate(segs):
+                for target in seg.targets:
+                    rles.append(record.segments[target.segment].rle)
+                    mask_spans.append(target.span)
+                    mask_segs.append(j)
+            if rles:
+                masks = geometry.masks(_decode_all(rles, h, w))
+            if record.ignore is not None:
+                ignore = geometry.masks(_decode_all([record.ignore], h, w))[0]
+            if record.task in _REGION_TASKS:
+                own = [(k, span.prompt_index) for k, span in enumerate(spans) if span.prompt_index is not None]
+                if own:
+                    regions = geometry.masks(
+                        np.stack([rasterise_prompt(record.visual_prompts[p], h, w) for _, p in own]).astype(bool)
+                    )
+                    region_slots = [k for k, _ in own]
+        return Sample(
+            key=raw.key,
+            source=raw.source.name,
+            task=record.task,
+            input_ids=torch.tensor(text.input_ids, dtype=torch.long),
+            labels=torch.tensor(text.labels, dtype=torch.long),
+            cond_ids=torch.tensor(text.cond_ids, dtype=torch.long),
+            seg_ids=torch.tensor(text.seg_ids, dtype=torch.long),
+            pixel_values=pixel_values,
+            seg_pixel_values=seg_values,
+            geometry=geometry,
+            masks=masks,
+            mask_spans=torch.tensor(mask_spans, dtype=torch.long),
+            mask_segs=torch.tensor(mask_segs, dtype=torch.long),
+            ignore=ignore,
+            regions=regions,
+            region_slots=torch.tensor(region_slots, dtype=torch.long),
+            num_regions=text.region_count,
+            truncated=text.truncated,
+        )
+
+    def collate(self, samples: list[Sample]) -> Batch:
+        return collate(
+            samples, pad_id=self.pad_id, vision_size=self.preprocess.vision_size,
+            seg_size=self.preprocess.seg_size, seed=self.seed,
+        )
+
+
+def _decode_all(rles: list, h: int, w: int) -> np.ndarray:
+    """[N, H, W] bool from compressed RLEs (one pycocotools call)."""
+    coco = [{"size": list(r.size), "counts": r.counts.encode("ascii")} for r in rles]
+    out = mask_utils.decode(coco)  # [H, W, N] uint8, Fortran order
+    if out.shape[:2] != (h, w):
+        raise ValueError(f"mask size {out.shape[:2]} != image size {(h, w)}")
+    return np.ascontiguousarray(out.transpose(2, 0, 1)).astype(bool)
+
