@@ -33,6 +33,8 @@ quickstart: install
 		--annotations $(CORPORA)/coco_instances_polygons/annotations/instances_val2017.json --num-workers 2
 	$(VENV)/bin/xsam data make-examples --corpora $(CORPORA) --out data/examples --convert $(QS) --num-workers 2
 	$(VENV)/bin/xsam data info $(QS)/*/
+	$(VENV)/bin/xsam data mix examples/mixtures/stage3-quickstart.yaml
+	$(VENV)/bin/xsam data stream examples/mixtures/stage3-quickstart.yaml --world-size 2 --rank 0 --workers 2 --limit 8
 
 test: install
 	$(VENV)/bin/pytest

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+_SIZING = {"weight": "weights", "repeat": "repeat: sqrt", "repetitions": "repetitions"}
 err_console = Console(stderr=True)
 out_console = Console()
 
@@ -50,7 +51,7 @@ def mix(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="local cache of S3 shards"),
 ) -> None:
-    """Items per source per epoch and each source's expected share of every batch.
+    """Items per source per epoch and each source's expected share of every batch (paths: --json).
 
     Example: xsam data mix configs/mixture.yaml --dry-run
     """
@@ -85,18 +86,17 @@ def mix(
         return
     b = summary["batching"]
     table = Table(
-        title=f"{mixture}: epoch {epoch}, sizing by {summary['mode']}, {b['mode']} batches of {b['global_batch_size']}",
+        title=f"{mixture}: epoch {epoch}, sizing by {_SIZING[summary['mode']]}, {b['mode']} batches of {b['global_batch_size']}",
         box=box.SIMPLE_HEAD,
         header_style="bold",
     )
-    for column in ("source", "tasks", "items", "epoch items", "passes", "share", "per batch", "path"):
-        table.add_column(column, justify="left" if column in ("source", "tasks", "path") else "right", overflow="fold")
+    for column in ("source", "tasks", "items", "epoch items", "passes", "share", "per batch"):
+        table.add_column(column, justify="left" if column in ("source", "tasks") else "right", no_wrap=True)
     for row in summary["sources"]:
         table.add_row(
             row["name"], ",".join(row["tasks"]), f"{row['items']:,}", f"{row['epoch_items']:,}",
             f"{row['passes']:.3f}", f"{100 * row['share']:.1f}%",
             f"{row['grouped_batches']:,} batches" if b["mode"] == "source_grouped" else f"{row['per_batch']:.2f}",
-            row["path"],
         )
     out_console.print(table)
     out_console.print(
