@@ -247,6 +247,7 @@ class StreamLoader:
         self.position = 0
         self.counters = _Counters()
         self._plans = PlanCache(spec, self.sources)
+        self._plans.epoch(epoch)  # fail now on an unusable mixture (an empty source), not mid-training
 
     # ------------------------------------------------------------------------------ iteration
 

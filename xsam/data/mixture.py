@@ -27,6 +27,9 @@ Counts are in ITEMS (the sample contract: a record renders one or more items; th
 them). A source that needs more items than it has continues into its next pass, with a new
 order; one that needs fewer continues where it stopped in the next epoch (see `xsam.data.plan`).
 
+`splits: [train]` restricts a source to records of those upstream splits (a RefCOCO folder holds
+train, val, testA and testB); sizes are then counted over the selected items only.
+
 Relative `path`s are resolved against the current working directory when the file is loaded, so a
 mixture file means the same on every rank and Ray worker once loaded.
 """
@@ -60,6 +63,11 @@ class SourceSpec(_Strict):
     weight: float | None = Field(default=None, gt=0, description="share of the epoch (weights mode)")
     repeat: Literal["sqrt"] | None = Field(default=None, description="X-SAM's repeat factor (sqrt mode)")
     repetitions: float | None = Field(default=None, gt=0, description="passes over the source per epoch")
+    splits: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="use only records of these upstream splits (e.g. [train]); default: every record",
+    )
 
     @field_validator("name")
     @classmethod
@@ -186,7 +194,8 @@ def epoch_counts(spec: MixtureSpec, sizes: dict[str, int]) -> dict[str, int]:
     """Items of each source in one epoch, given each source's item count (in spec order)."""
     for s in spec.sources:
         if sizes.get(s.name, 0) < 1:
-            raise MixtureError(f"source {s.name!r} ({s.path}) has no items: it cannot be mixed")
+            which = f" of splits {', '.join(s.splits)}" if s.splits else ""
+            raise MixtureError(f"source {s.name!r} ({s.path}) has no items{which}: it cannot be mixed")
     total = sum(sizes[s.name] for s in spec.sources)
     if spec.mix_mode == "weight":
         target = spec.epoch_items or total

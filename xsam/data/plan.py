@@ -31,6 +31,7 @@ Layers, bottom up:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import OrderedDict
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from xsam.data.manifest import DATASET, MANIFEST, WORK_DIR, read_parquet_table
+from xsam.data.manifest import DATASET, INDEX, MANIFEST, WORK_DIR, read_parquet_table
 from xsam.data.mixture import MixtureError, MixtureSpec, SourceSpec, epoch_counts
 from xsam.data.storage import Storage, open_storage
 
@@ -59,11 +60,20 @@ def _rng(*parts: Any) -> np.random.Generator:
 
 @dataclass(frozen=True, slots=True)
 class ShardInfo:
+    """One shard as the manifest lists it. `items` counts the items the mixture uses; with a
+    `splits` filter, `select` lists their ordinals among all `total_items` of the shard."""
+
     name: str
     sha256: str
     bytes: int
     samples: int
     items: int
+    total_items: int
+    select: tuple[int, ...] | None = None
+
+    def raw_item(self, i: int) -> int:
+        """The ordinal among all the shard's items of the i-th used item."""
+        return self.select[i] if self.select is not None else i
 
 
 @dataclass(frozen=True)
@@ -99,16 +109,41 @@ def open_source(spec: SourceSpec, storage: Storage | None = None) -> SourceInfo:
         )
         raise MixtureError(f"source {spec.name!r}: {storage.describe(MANIFEST)} not found ({hint})")
     manifest_bytes = storage.get_bytes(MANIFEST)
-    table = read_parquet_table(manifest_bytes)
-    cols = table.to_pydict()
-    shards = tuple(
-        ShardInfo(name=n, sha256=h, bytes=b, samples=s, items=i)
-        for n, h, b, s, i in zip(
-            cols["name"], cols["sha256"], cols["bytes"], cols["samples"], cols["items"], strict=True
-        )
-    )
+    cols = read_parquet_table(manifest_bytes).to_pydict()
+    shards = []
+    mixed: list[int] = []  # shards holding wanted and unwanted splits
+    wanted = set(spec.splits) if spec.splits is not None else None
+    for k, (name, sha, size, samples, items, counts) in enumerate(
+        zip(cols["name"], cols["sha256"], cols["bytes"], cols["samples"], cols["items"], cols["counts"], strict=True)
+    ):
+        used = items if wanted is None else sum(c["items"] for c in counts if c["split"] in wanted)
+        if 0 < used < items:
+            mixed.append(k)
+        shards.append(ShardInfo(name=name, sha256=sha, bytes=size, samples=samples, items=used, total_items=items))
+    if mixed and wanted is not None:
+        shards = _select_splits(storage, shards, mixed, wanted)
     meta = json.loads(storage.get_bytes(DATASET))
-    return SourceInfo(spec=spec, version=hashlib.sha256(manifest_bytes).hexdigest(), meta=meta, shards=shards)
+    return SourceInfo(spec=spec, version=hashlib.sha256(manifest_bytes).hexdigest(), meta=meta, shards=tuple(shards))
+
+
+def _select_splits(storage: Storage, shards: list[ShardInfo], mixed: list[int], wanted: set[str]) -> list[ShardInfo]:
+    """Item ordinals of the wanted splits in shards that hold several splits, from index.parquet
+    (read only here: a split filter on a dataset whose shards straddle splits)."""
+    cols = read_parquet_table(storage.get_bytes(INDEX)).select(["shard", "split", "items"]).to_pydict()
+    rows: dict[str, list[tuple[str, int]]] = {}
+    for shard, split, n in zip(cols["shard"], cols["split"], cols["items"], strict=True):
+        rows.setdefault(shard, []).append((split, n))
+    out = list(shards)
+    for k in mixed:
+        info, select, at = shards[k], [], 0
+        for split, n in rows.get(info.name, []):
+            if split in wanted:
+                select.extend(range(at, at + n))
+            at += n
+        if len(select) != info.items or at != info.total_items:
+            raise MixtureError(f"{storage.describe(INDEX)} disagrees with the manifest about shard {info.name}")
+        out[k] = dataclasses.replace(info, select=tuple(select))
+    return out
 
 
 def open_sources(spec: MixtureSpec) -> list[SourceInfo]:

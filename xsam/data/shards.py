@@ -218,9 +218,10 @@ class ShardReader:
         return opened
 
     def locate(self, k: int, item: int) -> tuple[str, int]:
-        """(record key, item index within the record) of the item-th item of shard k."""
+        """(record key, item index within the record) of the item-th used item of shard k."""
         info = self.source.shards[k]
-        if info.items == info.samples:  # one item per record: training splits
+        item = info.raw_item(item)
+        if info.total_items == info.samples:  # one item per record: training splits
             return self.shard(k).keys[item], 0
         rows = self._record_items()[info.name]
         for key, n in rows:

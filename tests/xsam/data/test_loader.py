@@ -16,7 +16,7 @@ from conftest import CORPORA, run_cli
 
 from dataprep.convert import ConvertParams
 from xsam.data.loader import KeysOnly, StateError, StreamLoader
-from xsam.data.mixture import parse_mixture
+from xsam.data.mixture import MixtureError, parse_mixture
 from xsam.data.plan import PlanCache, open_sources
 from xsam.data.shards import ShardError
 
@@ -167,6 +167,32 @@ def test_items_of_records_with_several_items(tmp_path):
     keys = [k for batch in StreamLoader(spec, cache_dir=tmp_path / "c") for _, k in batch]
     got = Counter((k.split("#")[0], int(k.split("#")[1])) for k in keys)
     assert got == expected
+
+
+def test_split_filter_selects_items_in_shards_that_straddle_splits(tmp_path):
+    from dataprep.examples import refer
+
+    inputs = refer.build(CORPORA, tmp_path / "in")["refcoco"]
+    root = convert_local("refcoco", tmp_path / "refcoco", inputs, ConvertParams(shard_max_samples=3))
+    samples = read_records(root)
+    for splits in (["train"], ["val", "testA"], ["testB"]):
+        expected = Counter(
+            (key, i) for key, s in samples.items() if s.record.source.split in splits for i in range(len(s.items))
+        )
+        spec = parse_mixture(
+            {"seed": 3, "batching": {"global_batch_size": 1},
+             "sources": [{"name": "r", "path": str(root), "repetitions": 1, "splits": splits}]}
+        )
+        source = open_sources(spec)[0]
+        assert any(s.select is not None for s in source.shards) or splits == ["testB"]
+        keys = [k for batch in StreamLoader(spec, cache_dir=tmp_path / "c") for _, k in batch]
+        assert Counter((k.split("#")[0], int(k.split("#")[1])) for k in keys) == expected
+    spec = parse_mixture(
+        {"seed": 3, "batching": {"global_batch_size": 1},
+         "sources": [{"name": "r", "path": str(root), "repetitions": 1, "splits": ["train2017"]}]}
+    )
+    with pytest.raises(MixtureError, match="has no items of splits train2017"):
+        StreamLoader(spec, sources=open_sources(spec))
 
 
 def test_s3_source_matches_the_local_one(datasets, s3_server, bucket, tmp_path):

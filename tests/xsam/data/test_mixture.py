@@ -23,7 +23,7 @@ def synthetic_sources(spec, shard_items: dict[str, list[int]]) -> list[SourceInf
     out = []
     for s in spec.sources:
         shards = tuple(
-            ShardInfo(name=f"{s.name}-{i:06d}.tar", sha256="0" * 64, bytes=1, samples=n, items=n)
+            ShardInfo(name=f"{s.name}-{i:06d}.tar", sha256="0" * 64, bytes=1, samples=n, items=n, total_items=n)
             for i, n in enumerate(shard_items[s.name])
         )
         out.append(SourceInfo(spec=s, version=f"v-{s.name}", meta={"by_task": {"genseg": {}}}, shards=shards))
