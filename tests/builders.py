@@ -27,7 +27,7 @@ def build_panoptic(corpora: Path, out: Path, n: int) -> dict[str, Path]:
     src = corpora / "coco_panoptic"
     doc = load_json(src / "annotations" / "panoptic_val2017.json")
     image0, ann0 = doc["images"][0], doc["annotations"][0]
-    images_dir = out / split
+    images_dir = out / "val2017"
     masks_dir = out / "annotations" / "panoptic_val2017"
     images_dir.mkdir(parents=True, exist_ok=True)
     masks_dir.mkdir(parents=True, exist_ok=True)
