@@ -42,7 +42,7 @@ from dataprep.quarantine import InputError, QuarantineRow, Rejected
 from dataprep.shard_writer import ShardEntry, canonical_json, tar_overhead, write_shard_file
 from dataprep.shard_writer import sample_json as shard_sample_json
 from xsam.data.storage import Storage
-from xsam.data.render import Category, RenderOptions, load_templates, render_record
+from xsam.data.render import Category, RenderOptions, load_templates, render_record, text_chars
 from xsam.data.schema import SCHEMA_VERSION, ShardSample
 
 DEFAULT_SHARD_MAX_SAMPLES = 1000
@@ -231,6 +231,7 @@ def run_unit(
             "items": len(items),
             "width": image.width if image else 0,
             "height": image.height if image else 0,
+            "text_chars": text_chars(items),
         }
         items_total += len(items)
         entries.append((entry, row))

@@ -54,6 +54,7 @@ from dataprep.shard_writer import canonical_json
 from xsam.data.storage import CHUNK, Storage
 from xsam.data import masks
 from xsam.data.schema import KEY_PATTERN, RLE, ShardSample
+from xsam.data.render import text_chars
 
 IMAGE_EXTS = ("jpg", "png")
 MEMBER_EXTS = (*IMAGE_EXTS, "json")
@@ -487,6 +488,7 @@ class _Linter:
             "items": len(sample.items),
             "width": w,
             "height": h,
+            "text_chars": text_chars(sample.items),
         }
         self.report.items += len(sample.items)
         return found

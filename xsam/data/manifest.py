@@ -2,7 +2,8 @@
 
 - `manifest.parquet`: one row per shard (name, sha256, bytes, samples, items, per task/split counts).
   Written LAST: a folder with a manifest is complete. Its sha256 is the dataset's version id.
-- `index.parquet`: one row per record (key, shard, task, split, source ids, image sha256, ...).
+- `index.parquet`: one row per record (key, shard, task, split, source ids, image sha256, ...,
+  `text_chars`: the length of its first rendered item, which the loader's length grouping reads).
 - `quarantine.parquet`: one row per rejected record or part, with a reason code and a message.
 - `dataset.json`: schema version, corpus, converter version, output-changing parameters, sha256 of
   every annotation input, category table and totals.
@@ -30,7 +31,8 @@ WORK_DIR = "_work"
 LOGS_DIR = "logs"
 
 # Version of the folder layout (file names, columns); the record schema has its own version.
-LAYOUT_VERSION = "1"
+# 2: index.parquet gained `text_chars` (the loader's length-grouping proxy).
+LAYOUT_VERSION = "2"
 
 COUNTS_TYPE = pa.list_(
     pa.struct([("task", pa.string()), ("split", pa.string()), ("records", pa.int64()), ("items", pa.int64())])
@@ -61,6 +63,7 @@ INDEX_SCHEMA = pa.schema(
         ("items", pa.int64()),
         ("width", pa.int64()),
         ("height", pa.int64()),
+        ("text_chars", pa.int64()),  # characters of the default rendering's first item (length proxy)
     ]
 )
 

@@ -106,6 +106,12 @@ class BatchingSpec(_Strict):
         description="an incomplete last batch (of the epoch, or of a source when grouped) is padded"
         " with the items just before it (X-SAM) or dropped; either way counted",
     )
+    group_by_length: bool = Field(
+        default=False,
+        description="sort items by text length within windows of `length_window` global batches, so"
+        " a batch holds similar lengths (less padding); reads each source's index.parquet once",
+    )
+    length_window: int = Field(default=16, ge=1, description="global batches per length-sorting window")
 
 
 class MixtureSpec(_Strict):

@@ -23,7 +23,12 @@ Layers, bottom up:
      groups of G in stream order and the groups of all sources are shuffled, so every global step
      holds one source (and one task), on every rank;
    - the incomplete last batch (per epoch, or per source when grouped) is padded with the items
-     just before it (X-SAM's round-up; `remainder: pad`) or dropped (`remainder: drop`); both counted.
+     just before it (X-SAM's round-up; `remainder: pad`) or dropped (`remainder: drop`); both counted;
+   - `group_by_length`: within windows of `length_window` global batches (of one source when
+     grouped), items are sorted by text length before they are cut into batches, and the batches
+     of a window are then shuffled, so a batch holds similar lengths (less padding) while the
+     order of batches stays random. The length is the index's `text_chars` (characters of the
+     record's first rendered item), read from each source's index.parquet once per process.
 4. **A rank's slice** (`RankPlan`): rank r of W takes the slots r, r + W, r + 2W, ... of every global
    batch (X-SAM's `r::world_size`), so every rank gets exactly G / W items of every global batch and
    the same number of batches per epoch: no rank waits at a collective for one that ran dry.
@@ -36,6 +41,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -216,6 +222,24 @@ class SourceOrder:
                 self._windows.popitem(last=False)
         return hit
 
+    def locate_many(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`locate` for many positions at once: (shard indices, item ordinals)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        shards = np.empty(len(positions), dtype=np.int64)
+        items = np.empty(len(positions), dtype=np.int64)
+        passes, q = np.divmod(positions, self.total)
+        windows, off = np.divmod(q, self.window)
+        for p in np.unique(passes):
+            order, ends = self._pass(int(p))
+            in_pass = passes == p
+            for w in np.unique(windows[in_pass]):
+                sel = in_pass & (windows == w)
+                u = w * self.window + self._window_perm(int(p), int(w))[off[sel]]
+                k = np.searchsorted(ends, u, side="right")
+                starts = np.where(k > 0, ends[np.maximum(k - 1, 0)], 0)
+                shards[sel], items[sel] = order[k], u - starts
+        return shards, items
+
     def locate(self, position: int) -> ItemRef:
         p, q = divmod(int(position), self.total)
         w, off = divmod(q, self.window)
@@ -244,6 +268,7 @@ class EpochPlan:
     spec: MixtureSpec
     sources: list[SourceInfo]
     epoch: int
+    lengths: Callable[[int, np.ndarray], np.ndarray] | None = None  # (source, positions) -> lengths
     counts: dict[str, int] = field(init=False)
     stats: PlanStats = field(init=False)
 
@@ -258,6 +283,8 @@ class EpochPlan:
             groups: list[tuple[int, np.ndarray]] = []
             for d, n in enumerate(lengths):
                 local = np.arange(n, dtype=np.int64)
+                if self.lengths is not None:
+                    local = self._sort_windows(local, self.lengths(d, local + self._starts[d]))
                 full, rem = divmod(n, g)
                 for b in range(full):
                     groups.append((d, local[b * g : (b + 1) * g]))
@@ -286,9 +313,36 @@ class EpochPlan:
                     padded += g - rem
                 else:
                     dropped += rem
+            if self.lengths is not None:
+                index = self._group_mixed(index, labels, occurrence, rng)
             self._mixed = (labels[index], occurrence[index])
         n_batches = len(self._local) if self._mixed is None else len(self._mixed[0]) // g
         self.stats = PlanStats(items=dict(self.counts), padded=padded, dropped=dropped, global_batches=n_batches)
+
+    def _sort_windows(self, entries: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """`entries` with each window of `length_window` global batches sorted by length, longest first."""
+        span = self.spec.batching.length_window * self.spec.batching.global_batch_size
+        out = entries.copy()
+        for lo in range(0, len(entries), span):
+            order = np.argsort(-lens[lo : lo + span], kind="stable")
+            out[lo : lo + span] = entries[lo : lo + span][order]
+        return out
+
+    def _group_mixed(
+        self, index: np.ndarray, labels: np.ndarray, occurrence: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        assert self.lengths is not None
+        g, m = self.spec.batching.global_batch_size, self.spec.batching.length_window
+        src = labels[index].astype(np.int64)
+        lens = np.empty(len(index), dtype=np.int64)
+        for d in np.unique(src):
+            sel = src == d
+            lens[sel] = self.lengths(int(d), occurrence[index[sel]] + self._starts[int(d)])
+        grouped = self._sort_windows(index, lens)
+        batches = grouped.reshape(-1, g)
+        for lo in range(0, len(batches), m):  # keep the order of batches random within a window
+            batches[lo : lo + m] = batches[lo : lo + m][rng.permutation(len(batches[lo : lo + m]))]
+        return batches.reshape(-1)
 
     @property
     def global_batches(self) -> int:
@@ -338,15 +392,49 @@ class PlanCache:
         self.sources = sources
         self.orders = [SourceOrder(spec.seed, i, s, spec.shuffle_buffer) for i, s in enumerate(sources)]
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
+        self._lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def epoch(self, e: int) -> EpochPlan:
         plan = self._plans.get(e)
         if plan is None:
-            plan = EpochPlan(self.spec, self.sources, e)
+            lengths = self.item_lengths if self.spec.batching.group_by_length else None
+            plan = EpochPlan(self.spec, self.sources, e, lengths)
             self._plans[e] = plan
             if len(self._plans) > 2:
                 self._plans.popitem(last=False)
         return plan
+
+    def item_lengths(self, d: int, positions: np.ndarray) -> np.ndarray:
+        """Text lengths of source d's items at these stream positions (length grouping)."""
+        if d not in self._lengths:
+            self._lengths[d] = _source_lengths(self.sources[d])
+        flat, offsets = self._lengths[d]
+        shards, items = self.orders[d].locate_many(positions)
+        return flat[offsets[shards] + items]
+
+
+def _source_lengths(source: SourceInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Per used item of every shard, its record's `text_chars`: (flat lengths, offset per shard)."""
+    storage = open_storage(source.spec.path)
+    table = read_parquet_table(storage.get_bytes(INDEX))
+    if "text_chars" not in table.schema.names:
+        raise MixtureError(
+            f"source {source.name!r}: {storage.describe(INDEX)} has no text_chars column (converted before"
+            " layout 2). Re-run its conversion, or set batching.group_by_length: false"
+        )
+    cols = table.select(["shard", "items", "text_chars"]).to_pydict()
+    per_shard: dict[str, list[int]] = {}
+    for shard, n, chars in zip(cols["shard"], cols["items"], cols["text_chars"], strict=True):
+        per_shard.setdefault(shard, []).extend([chars] * n)
+    flat, offsets = [], [0]
+    for info in source.shards:
+        lens = per_shard.get(info.name, [])
+        if len(lens) != info.total_items:
+            raise MixtureError(f"{storage.describe(INDEX)} disagrees with the manifest about shard {info.name}")
+        used = [lens[info.raw_item(i)] for i in range(info.items)]
+        flat.extend(used)
+        offsets.append(offsets[-1] + len(used))
+    return np.asarray(flat, dtype=np.int64), np.asarray(offsets[:-1], dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------- rank view

@@ -738,6 +738,12 @@ def _render_regions(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     return [_region_item(ctx, 0, None, [m[0] for m in members])]
 
 
+def text_chars(items: Sequence[Item]) -> int:
+    """Characters in the turns of a record's first item: the text-length proxy that the index
+    stores and the loader's length grouping sorts by (tokens would need the LLM's tokenizer)."""
+    return sum(len(turn.text) for turn in items[0].turns) if items else 0
+
+
 _RENDERERS: dict[str, Callable[[_Ctx, list[Category] | None], list[Item]]] = {
     "chat": _render_chat,
     "genseg": _render_genseg,

@@ -10,6 +10,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from builders import build_instances, convert_local, read_records
 from conftest import CORPORA, run_cli
@@ -62,9 +63,9 @@ def test_shards_are_uneven(datasets):
     assert [s.items for s in sources[1].shards] == [4] * 6 + [1]
 
 
-@pytest.mark.parametrize("mode", ["mixed", "source_grouped"])
-def test_resume_gives_the_next_500_items_on_2_ranks_x_2_workers(datasets, tmp_path, mode):
-    spec = mixture(datasets, mode=mode)
+@pytest.mark.parametrize(("mode", "by_length"), [("mixed", False), ("source_grouped", True)])
+def test_resume_gives_the_next_500_items_on_2_ranks_x_2_workers(datasets, tmp_path, mode, by_length):
+    spec = mixture(datasets, mode=mode, group_by_length=by_length)
     for rank in range(2):
         def make():
             return StreamLoader(spec, world_size=2, rank=rank, num_workers=2, cache_dir=tmp_path)
@@ -193,6 +194,42 @@ def test_split_filter_selects_items_in_shards_that_straddle_splits(tmp_path):
     )
     with pytest.raises(MixtureError, match="has no items of splits train2017"):
         StreamLoader(spec, sources=open_sources(spec))
+
+
+@pytest.mark.parametrize("mode", ["mixed", "source_grouped"])
+def test_length_grouping_reorders_within_windows_only(datasets, tmp_path, mode):
+    from dataprep.examples import refer
+
+    inputs = refer.build(CORPORA, tmp_path / "in")["refcoco"]
+    ref = convert_local("refcoco", tmp_path / "refcoco", inputs, ConvertParams(shard_max_samples=3))
+
+    def plan(group: bool):
+        spec = parse_mixture(
+            {
+                "seed": 4,
+                "batching": {"mode": mode, "global_batch_size": 4, "group_by_length": group, "length_window": 4},
+                "sources": [
+                    {"name": "a", "path": str(datasets["a"]), "repetitions": 1},
+                    {"name": "r", "path": str(ref), "repetitions": 3},
+                ],
+            }
+        )
+        plans = PlanCache(spec, open_sources(spec))
+        epoch = plans.epoch(0)
+        batches = [epoch.batch(b) for b in range(epoch.global_batches)]
+        lens = [
+            np.concatenate([plans.item_lengths(int(d), pos[src == d]) for d in np.unique(src)]) for src, pos in batches
+        ]
+        items = Counter((int(d), int(p)) for src, pos in batches for d, p in zip(src, pos, strict=True))
+        return items, sum(int(x.max() - x.min()) for x in lens)
+
+    plain_items, plain_spread = plan(False)
+    grouped_items, grouped_spread = plan(True)
+    # the same items, only in another order (grouped padding may repeat other items of the tail)
+    assert set(grouped_items) == set(plain_items) and grouped_items.total() == plain_items.total()
+    if mode == "mixed":
+        assert grouped_items == plain_items
+    assert grouped_spread < plain_spread
 
 
 def test_s3_source_matches_the_local_one(datasets, s3_server, bucket, tmp_path):
