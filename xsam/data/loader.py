@@ -27,6 +27,7 @@ epoch (then moves to the next epoch), built from the global-batch plan of `xsam.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from xsam.data.plan import ItemRef, PlanCache, RankLayout, SourceInfo, fingerpri
 from xsam.data.shards import DEFAULT_CACHE_BYTES, ShardCache, ShardError, ShardReader
 
 STATE_FORMAT = "xsam-stream/1"
+log = logging.getLogger(__name__)
 
 
 class StateError(ValueError):
@@ -96,6 +98,7 @@ class _Envelope:
     stop: int
     sources: list[str]
     bad: list[tuple[str, str, str]]  # (source, item key, reason: "ExcType: message")
+    truncated: int  # items whose text lost trailing turns to the length limit
 
 
 class _RankEpoch(torch.utils.data.Dataset):
@@ -143,7 +146,7 @@ class _RankEpoch(torch.utils.data.Dataset):
         plans, readers = self._setup()
         plan = plans.epoch(self.epoch)
         lo, hi = self.bounds[i], self.bounds[i + 1]
-        samples, names, bad = [], [], []
+        samples, names, bad, truncated = [], [], [], 0
         for j in range(lo, hi):
             b, slot = self.layout.sample(j)
             src, pos = plan.batch(b)
@@ -155,7 +158,9 @@ class _RankEpoch(torch.utils.data.Dataset):
                 try:
                     record_key, item_index = reader.locate(ref.shard, ref.item)
                     key = f"{record_key}#{item_index}"
-                    samples.append(self.builder.build(RawItem(source, ref, record_key, item_index, reader)))
+                    sample = self.builder.build(RawItem(source, ref, record_key, item_index, reader))
+                    samples.append(sample)
+                    truncated += bool(getattr(sample, "truncated", False))
                     self._consecutive.clear()
                     break
                 except ShardError:
@@ -171,7 +176,7 @@ class _RankEpoch(torch.utils.data.Dataset):
                             f" Last ones:\n{listing}"
                         ) from exc
             names.append(source.name)
-        return _Envelope(self.builder.collate(samples), lo, hi, names, bad)
+        return _Envelope(self.builder.collate(samples), lo, hi, names, bad, truncated)
 
 
 def _identity(x: Any) -> Any:
@@ -183,13 +188,24 @@ class _Counters:
     samples: Counter = field(default_factory=Counter)  # per source
     bad: Counter = field(default_factory=Counter)  # per exception type
     recent_bad: list[tuple[str, str, str]] = field(default_factory=list)
+    truncated: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": dict(self.samples), "bad": dict(self.bad), "recent_bad": [list(x) for x in self.recent_bad]}
+        return {
+            "samples": dict(self.samples),
+            "bad": dict(self.bad),
+            "recent_bad": [list(x) for x in self.recent_bad],
+            "truncated": self.truncated,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> _Counters:
-        return cls(Counter(d.get("samples", {})), Counter(d.get("bad", {})), [tuple(x) for x in d.get("recent_bad", [])])
+        return cls(
+            Counter(d.get("samples", {})),
+            Counter(d.get("bad", {})),
+            [tuple(x) for x in d.get("recent_bad", [])],
+            int(d.get("truncated", 0)),
+        )
 
 
 class StreamLoader:
@@ -278,13 +294,29 @@ class StreamLoader:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_identity, **extra
         )
+        stats = self._plans.epoch(self.epoch).stats
+        if self.position == 0:
+            log.info(
+                "rank %d/%d epoch %d: %d global batches of %d (%s); %d items padded, %d dropped",
+                self.layout.rank, self.layout.world_size, self.epoch, stats.global_batches,
+                self.spec.batching.global_batch_size,
+                ", ".join(f"{name} {n}" for name, n in stats.items.items()), stats.padded, stats.dropped,
+            )
         for env in loader:
             self.position = env.stop
             self.counters.samples.update(env.sources)
+            self.counters.truncated += env.truncated
             for failure in env.bad:
                 self.counters.bad[failure[2].split(":", 1)[0]] += 1
+                log.warning("bad item %s of source %s replaced: %s", failure[1], failure[0], failure[2])
             self.counters.recent_bad = (self.counters.recent_bad + env.bad)[-20:]
             if self.position >= dataset.total:
+                log.info(
+                    "rank %d/%d epoch %d done: %s; %d bad items replaced, %d items truncated so far",
+                    self.layout.rank, self.layout.world_size, self.epoch,
+                    ", ".join(f"{k} {v}" for k, v in sorted(self.counters.samples.items())),
+                    sum(self.counters.bad.values()), self.counters.truncated,
+                )
                 self.epoch += 1
                 self.position = 0
             yield env.payload
@@ -350,6 +382,7 @@ class StreamLoader:
             "data/epoch": float(self.epoch),
             "data/epoch_progress": self.position / max(1, self.items_per_epoch()),
             "data/bad_items": float(sum(self.counters.bad.values())),
+            "data/truncated_items": float(self.counters.truncated),
         }
         for d, source in enumerate(self.sources):
             consumed = self.epoch * plan.counts[source.name] + int(before[d])

@@ -171,7 +171,8 @@ def test_truncation_drops_turns_and_their_masks(world):
     n = int(train.attention_mask[0].sum())
     # a limit between one and two (question, answer) pairs keeps the first turn only
     first_answer_end = int((train.labels[0] != IGNORE_INDEX).nonzero().flatten()[0]) + 8
-    cut, _ = batches(world, ["refcoco"], g=1, builder_kw={"max_length": min(n - 1, first_answer_end + 2)})
+    cut, loader = batches(world, ["refcoco"], g=1, builder_kw={"max_length": min(n - 1, first_answer_end + 2)})
+    assert loader.metrics()["data/truncated_items"] >= 1
     cut = next(b for b in cut if b.keys[0] == train.keys[0])
     assert cut.truncated == 1 and cut.mask_segs[0].tolist() == [0] and len(cut.masks[0]) == 1
     assert torch.equal(cut.masks[0][0], train.masks[0][0])
