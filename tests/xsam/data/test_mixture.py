@@ -153,3 +153,29 @@ def test_every_item_once_per_pass():
     first = [(r.shard, r.item) for r in (order.locate(q) for q in range(80))]
     second = [(r.shard, r.item) for r in (order.locate(80 + q) for q in range(80))]
     assert first != second  # a new order every pass
+
+
+def test_the_plan_is_pinned():
+    """The plan must not change silently: saved loader states and "what did rank 3 see" answers
+    depend on it. Computed once by this code (sha256 seeds, numpy PCG64: machine independent);
+    a change to the planner that fails this test must also bump loader.STATE_FORMAT."""
+    from xsam.data.plan import PlanCache
+
+    spec = spec_of(
+        [{"name": "a", "path": "/a", "weight": 2}, {"name": "b", "path": "/b", "weight": 1}],
+        seed=2026,
+        shuffle_buffer=5,
+        batching={"mode": "mixed", "global_batch_size": 4},
+    )
+    sources = synthetic_sources(spec, {"a": [3, 4, 2], "b": [5, 1]})
+    plans = PlanCache(spec, sources)
+    got = []
+    for b in range(3):
+        src, pos = plans.epoch(1).batch(b)
+        for d, p in zip(src, pos, strict=True):
+            ref = plans.orders[int(d)].locate(int(p))
+            got.append((int(d), ref.shard, ref.item, ref.pass_))
+    assert got == [
+        (1, 0, 4, 0), (0, 1, 2, 1), (0, 1, 0, 1), (0, 1, 3, 1), (1, 0, 1, 1), (0, 1, 1, 1),
+        (0, 0, 2, 1), (0, 0, 0, 1), (1, 0, 2, 1), (1, 0, 4, 1), (0, 2, 1, 1), (0, 0, 1, 1),
+    ]
