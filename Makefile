@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CORPORA := examples/corpora
 QS := data/quickstart
 
-.PHONY: install quickstart test test-fast bench clean-quickstart
+.PHONY: install quickstart test test-fast bench bench-loader clean-quickstart
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/convert.py
+
+bench-loader: install
+	$(PY) benchmarks/loader.py
 
 clean-quickstart:
 	rm -rf $(QS)
