@@ -176,16 +176,27 @@ def children_cpu() -> float:
 
 
 def tensor_bytes(batch: Any) -> dict[str, int]:
-    """Bytes of every tensor field of a `Batch` (lists of tensors summed): what a worker ships."""
+    """Bytes of every array field of a `PackedBatch` (tensors, numpy arrays, `MaskStack`s; lists
+    summed): what a worker ships to the main process (tensors through shared memory, numpy arrays
+    by value through the pipe)."""
     import dataclasses
 
+    import numpy as np
     import torch
+
+    def size(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, np.ndarray):
+            return x.nbytes
+        if dataclasses.is_dataclass(x) and not isinstance(x, type) and hasattr(x, "bits"):
+            return sum(size(getattr(x, f.name)) for f in dataclasses.fields(x))
+        return 0
 
     out = {}
     for f in dataclasses.fields(batch):
         value = getattr(batch, f.name)
-        tensors = value if isinstance(value, list) else [value]
-        out[f.name] = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        out[f.name] = sum(size(v) for v in (value if isinstance(value, list) else [value]))
     return out
 
 
@@ -757,8 +768,8 @@ def markdown(result: dict[str, Any]) -> str:
     if shipped:
         lines += [
             "",
-            "Tensor bytes per item of a collated micro-batch (what a worker hands to the main process through "
-            f"shared memory): {', '.join(shipped)}.",
+            "Array bytes per item of a collated micro-batch (what a worker hands to the main process: tensors through "
+            f"shared memory, numpy arrays through the pipe): {', '.join(shipped)}.",
         ]
     rss = list(result["rss"].values())
     if rss:

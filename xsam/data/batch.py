@@ -1,4 +1,11 @@
-"""What the model consumes: one `Sample` per item (built in a loader worker) and the padded `Batch`.
+"""What the model consumes: one `Sample` per item (built in a loader worker), the compact
+`PackedBatch` a loader yields, and the dense `Batch` that `PackedBatch.to(device)` makes.
+
+Why two batch types: at the paper's sizes a dense item is ~45 MB (30 target masks at 1024² and a
+float32 1024² image), and moving that from a dataloader worker into shared memory costs as much
+CPU as building it (benchmarks/loader.py). A `PackedBatch` ships uint8 images and bit-packed masks
+at the images' own resolution (~30x fewer bytes); `.to(device)` copies them and then normalises
+and resamples ON the device, bit-identical to the dense path (`xsam.data.transforms`).
 
 Text follows the spec's conventions (§1.1): `input_ids` hold the sentinels -200 (`<image>`) and
 -300 (`<region>`) where the model splices visual features; `labels` are -100 except on answer tokens;
@@ -22,18 +29,18 @@ samples of the batch; `collate` picks them).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from xsam.data.transforms import Geometry
+from xsam.data.transforms import Geometry, MaskStack, PreprocessConfig, normalize, normalize_seg
 from xsam.text.tokens import IGNORE_INDEX
 
 
 @dataclass(kw_only=True, slots=True)
 class Sample:
-    """One decoded, preprocessed and tokenised item."""
+    """One decoded, preprocessed and tokenised item, compact (see the module docstring)."""
 
     key: str
     source: str
@@ -42,22 +49,22 @@ class Sample:
     labels: torch.Tensor  # [L] long
     cond_ids: torch.Tensor  # [L] long
     seg_ids: torch.Tensor  # [L] long
-    pixel_values: torch.Tensor | None  # [3, V, V]; None for a text-only chat item
-    seg_pixel_values: torch.Tensor | None  # [3, S, S]
+    image: torch.Tensor | None  # uint8 [3, V, V] SigLIP input before normalisation; None: text-only
+    seg_image: torch.Tensor | None  # uint8 [3, S, S] SAM canvas before normalisation
     geometry: Geometry | None
-    masks: torch.Tensor  # [N, S, S] bool
-    mask_spans: torch.Tensor  # [N] long
-    mask_segs: torch.Tensor  # [N] long
-    ignore: torch.Tensor | None  # [S, S] bool
-    regions: torch.Tensor  # [R, S, S] bool, R = own visual prompts (negatives excluded)
-    region_slots: torch.Tensor  # [R] long: which <region> occurrence each own prompt fills
+    masks: MaskStack | None  # N targets (None without an image)
+    mask_spans: np.ndarray  # [N] int64
+    mask_segs: np.ndarray  # [N] int64
+    ignore: MaskStack | None  # 1 mask, or None
+    regions: MaskStack | None  # the item's own visual prompts, R_own masks
+    region_slots: np.ndarray  # [R_own] int64: which <region> occurrence each own prompt fills
     num_regions: int  # <region> sentinels in input_ids (own prompts + negatives)
     truncated: bool = False
 
 
 @dataclass(kw_only=True, slots=True)
 class Batch:
-    """A padded micro-batch (see the module docstring for the conventions)."""
+    """A dense, padded micro-batch on one device (see the module docstring for the conventions)."""
 
     keys: list[str]
     sources: list[str]
@@ -68,8 +75,8 @@ class Batch:
     cond_ids: torch.Tensor  # [B, L]
     seg_ids: torch.Tensor  # [B, L]
     has_image: torch.Tensor  # [B] bool
-    pixel_values: torch.Tensor  # [B, 3, V, V] (zeros where no image)
-    seg_pixel_values: torch.Tensor  # [B, 3, S, S]
+    pixel_values: torch.Tensor  # [B, 3, V, V] float32, normalised (zeros where no image)
+    seg_pixel_values: torch.Tensor  # [B, 3, S, S] float32, normalised, zero padding
     image_sizes: torch.Tensor  # [B, 2] original (h, w); 0 where no image
     scaled_sizes: torch.Tensor  # [B, 2] valid (h, w) in the seg canvas
     geometries: list[Geometry | None]
@@ -84,21 +91,90 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy with every tensor on `device`."""
 
-        def move(x: Any) -> Any:
-            if isinstance(x, torch.Tensor):
-                return x.to(device, non_blocking=non_blocking)
-            if isinstance(x, list):
-                return [move(v) for v in x]
-            return x
+@dataclass(kw_only=True, slots=True)
+class PackedBatch:
+    """What a loader yields: text padded, images uint8, masks bit-packed. `.to(device)` -> `Batch`.
 
-        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+    `region_refs[b]` has one row per `<region>` of sample b: (owner, row, quarter): the region is
+    row `row` of sample `owner`'s own prompts, or, when `row` is -1, quarter `quarter` of
+    `owner`'s image (a VGD negative in a micro-batch where no other sample has prompts).
+    """
+
+    keys: list[str]
+    sources: list[str]
+    tasks: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    cond_ids: torch.Tensor
+    seg_ids: torch.Tensor
+    has_image: torch.Tensor
+    images: torch.Tensor  # uint8 [B, 3, V, V]
+    seg_images: torch.Tensor  # uint8 [B, 3, S, S]
+    image_sizes: torch.Tensor
+    scaled_sizes: torch.Tensor
+    geometries: list[Geometry | None]
+    masks: list[MaskStack | None]
+    mask_spans: list[np.ndarray]
+    mask_segs: list[np.ndarray]
+    ignore: list[MaskStack | None]
+    regions: list[MaskStack | None]
+    region_refs: list[np.ndarray]  # B x [R_b, 3] int64
+    truncated: int
+    preprocess: PreprocessConfig
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str = "cpu", non_blocking: bool = False) -> Batch:
+        """Copy to `device`, then normalise the images and expand the masks there."""
+
+        def move(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+            if isinstance(x, np.ndarray):
+                x = torch.from_numpy(x)
+            return x.to(device, non_blocking=non_blocking)
+
+        cfg, n = self.preprocess, len(self)
+        s = cfg.seg_size
+        seg = torch.zeros((n, 3, s, s), dtype=torch.float32, device=device)
+        seg_images = move(self.seg_images)
+        for b in range(n):
+            if self.has_image[b]:
+                h, w = (int(v) for v in self.scaled_sizes[b])
+                seg[b] = normalize_seg(seg_images[b], (h, w), cfg)
+        pixel_values = normalize(move(self.images), cfg.vision_mean, cfg.vision_std)
+        pixel_values[~move(self.has_image)] = 0
+        empty = torch.zeros((0, s, s), dtype=torch.bool, device=device)
+        dense = [m.dense(device) if m is not None else empty for m in self.masks]
+        own = [r.dense(device) if r is not None else empty for r in self.regions]
+        ignore = torch.zeros((n, s, s), dtype=torch.bool, device=device)
+        for b, m in enumerate(self.ignore):
+            if m is not None:
+                ignore[b] = m.dense(device)[0]
+        regions = []
+        for refs in self.region_refs:
+            out = torch.zeros((len(refs), s, s), dtype=torch.bool, device=device)
+            for i, (owner, row, quarter) in enumerate(refs.tolist()):
+                if row >= 0:
+                    out[i] = own[owner][row]
+                else:
+                    out[i] = _quarter(self.scaled_sizes[owner].tolist(), s, quarter, device)
+            regions.append(out)
+        return Batch(
+            keys=self.keys, sources=self.sources, tasks=self.tasks,
+            input_ids=move(self.input_ids), attention_mask=move(self.attention_mask), labels=move(self.labels),
+            cond_ids=move(self.cond_ids), seg_ids=move(self.seg_ids), has_image=move(self.has_image),
+            pixel_values=pixel_values, seg_pixel_values=seg, image_sizes=move(self.image_sizes),
+            scaled_sizes=move(self.scaled_sizes), geometries=self.geometries, masks=dense,
+            mask_spans=[move(x) for x in self.mask_spans], mask_segs=[move(x) for x in self.mask_segs],
+            ignore=ignore, regions=regions, region_sources=[move(r[:, 0]) for r in self.region_refs],
+            truncated=self.truncated,
+        )
 
 
-def collate(samples: list[Sample], *, pad_id: int, vision_size: int, seg_size: int, seed: int = 0) -> Batch:
-    """Pad the texts (right), stack the images, and resolve VGD negative regions from other samples.
+def collate(samples: list[Sample], *, pad_id: int, preprocess: PreprocessConfig, seed: int = 0) -> PackedBatch:
+    """Pad the texts (right), stack the uint8 images, and resolve VGD negative regions.
 
     A negative `<region>` takes a visual prompt of another sample of the batch (drawn with a rng
     seeded by the item keys, so the choice is reproducible); with no other sample holding prompts
@@ -108,88 +184,81 @@ def collate(samples: list[Sample], *, pad_id: int, vision_size: int, seg_size: i
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     n = len(samples)
-    length = max(len(s.input_ids) for s in samples)
+    length = max(len(x.input_ids) for x in samples)
+    v, s = preprocess.vision_size, preprocess.seg_size
 
     def pad(name: str, value: int) -> torch.Tensor:
         out = torch.full((n, length), value, dtype=torch.long)
-        for b, s in enumerate(samples):
-            t = getattr(s, name)
+        for b, x in enumerate(samples):
+            t = getattr(x, name)
             out[b, : len(t)] = t
         return out
 
     attention = torch.zeros((n, length), dtype=torch.bool)
-    for b, s in enumerate(samples):
-        attention[b, : len(s.input_ids)] = True
-    pixel_values = torch.zeros((n, 3, vision_size, vision_size))
-    seg_pixel_values = torch.zeros((n, 3, seg_size, seg_size))
-    ignore = torch.zeros((n, seg_size, seg_size), dtype=torch.bool)
+    images = torch.zeros((n, 3, v, v), dtype=torch.uint8)
+    seg_images = torch.zeros((n, 3, s, s), dtype=torch.uint8)
     image_sizes = torch.zeros((n, 2), dtype=torch.long)
     scaled_sizes = torch.zeros((n, 2), dtype=torch.long)
-    for b, s in enumerate(samples):
-        if s.pixel_values is not None and s.seg_pixel_values is not None and s.geometry is not None:
-            pixel_values[b] = s.pixel_values
-            seg_pixel_values[b] = s.seg_pixel_values
-            image_sizes[b] = torch.tensor(s.geometry.original_size)
-            scaled_sizes[b] = torch.tensor(s.geometry.scaled_size)
-        if s.ignore is not None:
-            ignore[b] = s.ignore
-    regions, region_sources = _resolve_regions(samples, seg_size, seed)
-    return Batch(
-        keys=[s.key for s in samples],
-        sources=[s.source for s in samples],
-        tasks=[s.task for s in samples],
+    for b, x in enumerate(samples):
+        attention[b, : len(x.input_ids)] = True
+        if x.image is not None and x.seg_image is not None and x.geometry is not None:
+            images[b] = x.image
+            seg_images[b] = x.seg_image
+            image_sizes[b] = torch.tensor(x.geometry.original_size)
+            scaled_sizes[b] = torch.tensor(x.geometry.scaled_size)
+    return PackedBatch(
+        keys=[x.key for x in samples],
+        sources=[x.source for x in samples],
+        tasks=[x.task for x in samples],
         input_ids=pad("input_ids", pad_id),
         attention_mask=attention,
         labels=pad("labels", IGNORE_INDEX),
         cond_ids=pad("cond_ids", -1),
         seg_ids=pad("seg_ids", -1),
-        has_image=torch.tensor([s.pixel_values is not None for s in samples]),
-        pixel_values=pixel_values,
-        seg_pixel_values=seg_pixel_values,
+        has_image=torch.tensor([x.image is not None for x in samples]),
+        images=images,
+        seg_images=seg_images,
         image_sizes=image_sizes,
         scaled_sizes=scaled_sizes,
-        geometries=[s.geometry for s in samples],
-        masks=[s.masks for s in samples],
-        mask_spans=[s.mask_spans for s in samples],
-        mask_segs=[s.mask_segs for s in samples],
-        ignore=ignore,
-        regions=regions,
-        region_sources=region_sources,
-        truncated=sum(s.truncated for s in samples),
+        geometries=[x.geometry for x in samples],
+        masks=[x.masks for x in samples],
+        mask_spans=[x.mask_spans for x in samples],
+        mask_segs=[x.mask_segs for x in samples],
+        ignore=[x.ignore for x in samples],
+        regions=[x.regions for x in samples],
+        region_refs=_region_refs(samples, seed),
+        truncated=sum(x.truncated for x in samples),
+        preprocess=preprocess,
     )
 
 
-def _resolve_regions(samples: list[Sample], seg_size: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    regions, sources = [], []
-    for b, s in enumerate(samples):
-        out = torch.zeros((s.num_regions, seg_size, seg_size), dtype=torch.bool)
-        src = torch.full((s.num_regions,), b, dtype=torch.long)
-        if len(s.region_slots):
-            out[s.region_slots] = s.regions
-        own = set(s.region_slots.tolist())
-        negatives = [i for i in range(s.num_regions) if i not in own]
+def _region_refs(samples: list[Sample], seed: int) -> list[np.ndarray]:
+    out = []
+    for b, x in enumerate(samples):
+        refs = np.full((x.num_regions, 3), -1, dtype=np.int64)
+        refs[:, 0] = b
+        for row, slot in enumerate(x.region_slots.tolist()):
+            refs[slot, 1] = row
+        negatives = [i for i in range(x.num_regions) if refs[i, 1] < 0]
         if negatives:
-            rng = random.Random(f"{seed}|{s.key}|{'|'.join(x.key for x in samples)}")
-            donors = [d for d, x in enumerate(samples) if d != b and len(x.regions)]
-            images = [d for d, x in enumerate(samples) if d != b and x.geometry is not None]
+            rng = random.Random(f"{seed}|{x.key}|{'|'.join(y.key for y in samples)}")
+            donors = [d for d, y in enumerate(samples) if d != b and y.regions is not None and len(y.regions)]
+            images = [d for d, y in enumerate(samples) if d != b and y.geometry is not None]
             for i in negatives:
                 if donors:
                     d = rng.choice(donors)
-                    out[i] = samples[d].regions[rng.randrange(len(samples[d].regions))]
-                    src[i] = d
+                    refs[i, 0], refs[i, 1] = d, rng.randrange(len(samples[d].regions))
                 else:
-                    d = rng.choice(images) if images else b
-                    out[i] = _quarter_box(samples[d].geometry, seg_size, rng)
-                    src[i] = d
-        regions.append(out)
-        sources.append(src)
-    return regions, sources
+                    refs[i, 0] = rng.choice(images) if images else b
+                    refs[i, 2] = rng.randrange(4)
+        out.append(refs)
+    return out
 
 
-def _quarter_box(geometry: Geometry | None, seg_size: int, rng: random.Random) -> torch.Tensor:
-    """One random quarter of an image's valid area: a region that stands for 'somewhere else'."""
-    box = torch.zeros((seg_size, seg_size), dtype=torch.bool)
-    h, w = geometry.scaled_size if geometry is not None else (seg_size, seg_size)
-    y, x = rng.randrange(2) * (h // 2), rng.randrange(2) * (w // 2)
+def _quarter(scaled_size: list[int], seg_size: int, quarter: int, device: torch.device | str) -> torch.Tensor:
+    """Quarter `quarter` (0..3, row-major) of an image's valid area: a region for "somewhere else"."""
+    box = torch.zeros((seg_size, seg_size), dtype=torch.bool, device=device)
+    h, w = scaled_size
+    y, x = (quarter // 2) * (h // 2), (quarter % 2) * (w // 2)
     box[y : y + max(1, h // 2), x : x + max(1, w // 2)] = True
     return box

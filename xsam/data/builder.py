@@ -1,13 +1,15 @@
-"""Turn a planned item into a model-ready `Sample` (in a loader worker), and micro-batches into `Batch`es.
+"""Turn a planned item into a `Sample` (in a loader worker), and micro-batches into `PackedBatch`es
+(`.to(device)` gives the model's dense `Batch`).
 
 Per item (`XSamBuilder.build`):
 1. parse the record from the shard's `KEY.json` and render its items again with the mixture's seed
    and the item's source pass as the epoch (`xsam.data.render`: new templates, category order and
    VGD negatives on every pass; evaluation items are fixed);
-2. decode the image and make both encoder inputs (`xsam.data.transforms`; stage-1 jitter when
-   configured, drawn from a rng seeded by (seed, item key, pass): a pure function of the item);
-3. decode the item's target masks, the record's `ignore` region and the visual prompts, and send
-   them through the same geometry;
+2. decode the image and make both encoder inputs as uint8 canvases (`xsam.data.transforms`;
+   stage-1 jitter when configured, drawn from a rng seeded by (seed, item key, pass): a pure
+   function of the item); normalisation happens in `PackedBatch.to(device)`;
+3. decode the item's target masks, the record's `ignore` region and the visual prompts, and pack
+   them with the same geometry (bits at the image's resolution; expanded on the device);
 4. wrap the turns in the LLM's chat format and tokenise (`xsam.text.encode`): labels on answers
    only, `cond_ids`/`seg_ids`, and the length policy: a too-long item drops trailing turns (with
    their spans, `<SEG>`s and masks), counted in `Batch.truncated`; one whose first turn alone is
@@ -25,12 +27,12 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from xsam.data.batch import Batch, Sample, collate
+from xsam.data.batch import PackedBatch, Sample, collate
 from xsam.data.loader import RawItem
 from xsam.data.plan import derive_seed
 from xsam.data.render import Category, RenderOptions, Templates, load_templates, render_record
 from xsam.data.schema import ShardSample
-from xsam.data.transforms import PreprocessConfig, decode_image, seg_pixels, vision_pixels
+from xsam.data.transforms import PreprocessConfig, decode_image, seg_image, vision_image
 from xsam.data.vprompts import rasterise_prompt
 from xsam.text.chat import get_chat_format
 from xsam.text.encode import Truncation, encode_item
@@ -121,18 +123,15 @@ class XSamBuilder:
         spans, segs = item.spans[: text.spans_kept], item.segs[: text.segs_kept]
 
         cfg = self.preprocess
-        s = cfg.seg_size
-        pixel_values = seg_values = geometry = ignore = None
-        masks = torch.zeros((0, s, s), dtype=torch.bool)
-        regions = torch.zeros((0, s, s), dtype=torch.bool)
+        image_u8 = seg_u8 = geometry = masks = ignore = regions = None
         mask_spans: list[int] = []
         mask_segs: list[int] = []
         region_slots: list[int] = []
         if record.image is not None:
             image = decode_image(raw.member(record.image.ext), name=f"{raw.source.name}:{raw.key}")
             rng = random.Random(derive_seed(self.seed, "augment", raw.key, raw.ref.pass_)) if cfg.lsj else None
-            pixel_values = vision_pixels(image, cfg)
-            seg_values, geometry = seg_pixels(image, cfg, rng)
+            image_u8 = vision_image(image, cfg)
+            seg_u8, geometry = seg_image(image, cfg, rng)
             h, w = image.shape[:2]
             rles: list = []
             for j, seg in enumerate(segs):
@@ -140,17 +139,15 @@ class XSamBuilder:
                     rles.append(record.segments[target.segment].rle)
                     mask_spans.append(target.span)
                     mask_segs.append(j)
-            if rles:
-                masks = geometry.masks(_decode_all(rles, h, w))
+            masks = geometry.pack(_decode_all(rles, h, w))
             if record.ignore is not None:
-                ignore = geometry.masks(_decode_all([record.ignore], h, w))[0]
+                ignore = geometry.pack(_decode_all([record.ignore], h, w))
+            own = []
             if record.task in _REGION_TASKS:
                 own = [(k, span.prompt_index) for k, span in enumerate(spans) if span.prompt_index is not None]
-                if own:
-                    regions = geometry.masks(
-                        np.stack([rasterise_prompt(record.visual_prompts[p], h, w) for _, p in own]).astype(bool)
-                    )
-                    region_slots = [k for k, _ in own]
+            prompts = [rasterise_prompt(record.visual_prompts[p], h, w) for _, p in own]
+            regions = geometry.pack(np.stack(prompts).astype(bool) if prompts else np.zeros((0, h, w), bool))
+            region_slots = [k for k, _ in own]
         return Sample(
             key=raw.key,
             source=raw.source.name,
@@ -159,28 +156,32 @@ class XSamBuilder:
             labels=torch.tensor(text.labels, dtype=torch.long),
             cond_ids=torch.tensor(text.cond_ids, dtype=torch.long),
             seg_ids=torch.tensor(text.seg_ids, dtype=torch.long),
-            pixel_values=pixel_values,
-            seg_pixel_values=seg_values,
+            image=image_u8,
+            seg_image=seg_u8,
             geometry=geometry,
             masks=masks,
-            mask_spans=torch.tensor(mask_spans, dtype=torch.long),
-            mask_segs=torch.tensor(mask_segs, dtype=torch.long),
+            mask_spans=np.asarray(mask_spans, dtype=np.int64),
+            mask_segs=np.asarray(mask_segs, dtype=np.int64),
             ignore=ignore,
             regions=regions,
-            region_slots=torch.tensor(region_slots, dtype=torch.long),
+            region_slots=np.asarray(region_slots, dtype=np.int64),
             num_regions=text.region_count,
             truncated=text.truncated,
         )
 
-    def collate(self, samples: list[Sample]) -> Batch:
-        return collate(
-            samples, pad_id=self.pad_id, vision_size=self.preprocess.vision_size,
-            seg_size=self.preprocess.seg_size, seed=self.seed,
-        )
+    def prepare(self) -> None:
+        """Load the tokenizer and templates now (the loader calls this before its workers fork,
+        so they inherit them instead of each loading them again)."""
+        self._loaded()
+
+    def collate(self, samples: list[Sample]) -> PackedBatch:
+        return collate(samples, pad_id=self.pad_id, preprocess=self.preprocess, seed=self.seed)
 
 
 def _decode_all(rles: list, h: int, w: int) -> np.ndarray:
     """[N, H, W] bool from compressed RLEs (one pycocotools call)."""
+    if not rles:
+        return np.zeros((0, h, w), dtype=bool)
     coco = [{"size": list(r.size), "counts": r.counts.encode("ascii")} for r in rles]
     out = mask_utils.decode(coco)  # [H, W, N] uint8, Fortran order
     if out.shape[:2] != (h, w):

@@ -78,6 +78,9 @@ class ItemBuilder(Protocol):
 
     def collate(self, samples: list[Any]) -> Any: ...
 
+    # optional: `prepare()`, called in the loader's process before its workers start (fork
+    # copies what it loaded, e.g. a tokenizer, instead of every worker loading it again)
+
 
 class KeysOnly:
     """Builder that only names the items: `(source, item key)`; reads shard headers, no members."""
@@ -116,15 +119,16 @@ class _RankEpoch(torch.utils.data.Dataset):
         builder: ItemBuilder,
         cache: ShardCache,
         max_consecutive_bad: int,
+        plans: PlanCache,
     ) -> None:
         self.spec, self.sources, self.layout = spec, sources, layout
         self.epoch, self.start, self.micro = epoch, start, micro
         self.builder, self.cache, self.max_bad = builder, cache, max_consecutive_bad
-        self.total = layout.per_rank * PlanCache(spec, sources).epoch(epoch).global_batches
+        self.total = layout.per_rank * plans.epoch(epoch).global_batches
         # boundaries: the rest of a micro-batch a restore landed in, then whole micro-batches
         first = min(self.total, -(-start // micro) * micro) if start % micro else start
         self.bounds = ([start] if first > start else []) + list(range(first, self.total, micro)) + [self.total]
-        self._plans: PlanCache | None = None
+        self._plans: PlanCache | None = plans  # forked workers inherit it; pickled ones rebuild it
         self._readers: list[ShardReader] | None = None
         self._consecutive: deque[tuple[str, str, str]] = deque(maxlen=max_consecutive_bad)
 
@@ -137,8 +141,9 @@ class _RankEpoch(torch.utils.data.Dataset):
         return len(self.bounds) - 1
 
     def _setup(self) -> tuple[PlanCache, list[ShardReader]]:
-        if self._plans is None or self._readers is None:
+        if self._plans is None:
             self._plans = PlanCache(self.spec, self.sources)
+        if self._readers is None:
             self._readers = [ShardReader(s, self.cache) for s in self.sources]
         return self._plans, self._readers
 
@@ -287,7 +292,11 @@ class StreamLoader:
             builder=self.builder,
             cache=self.cache,
             max_consecutive_bad=self.max_consecutive_bad,
+            plans=self._plans,
         )
+        prepare = getattr(self.builder, "prepare", None)
+        if prepare is not None:
+            prepare()
         extra: dict[str, Any] = {}
         if self.num_workers:
             extra = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context}

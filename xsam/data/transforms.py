@@ -104,6 +104,23 @@ class Geometry:
         """(h, w) of the whole resized image, before the crop."""
         return _resized(self.original_size, self.scale)
 
+    def source_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per canvas row / column of the window, the original pixel it reads (nearest)."""
+        (h, w), (rh, rw) = self.original_size, self.resized_size
+        y0, x0, ch, cw = self.crop
+        return _source_index(y0, ch, h, rh), _source_index(x0, cw, w, rw)
+
+    def pack(self, masks: np.ndarray) -> MaskStack:
+        """[N, H, W] bool masks at the original size -> a compact `MaskStack` whose `dense()`
+        equals `masks()` (bits at the original resolution + the index maps: ~30x fewer bytes
+        to ship from a loader worker, and the resampling runs where the tensors are used)."""
+        masks = np.asarray(masks, dtype=bool)
+        if masks.ndim != 3 or masks.shape[1:] != self.original_size:
+            h, w = self.original_size
+            raise ValueError(f"masks must be [N, {h}, {w}] (the original image size), got {masks.shape}")
+        rows, cols = self.source_indices()
+        return MaskStack(bits=np.packbits(masks, axis=2), width=masks.shape[2], rows=rows, cols=cols, seg_size=self.seg_size)
+
     def masks(self, masks: np.ndarray) -> torch.Tensor:
         """[N, H, W] bool masks at the original size -> [N, S, S] bool, aligned with the seg input.
 
@@ -114,10 +131,9 @@ class Geometry:
         if masks.ndim != 3 or masks.shape[1:] != self.original_size:
             h, w = self.original_size
             raise ValueError(f"masks must be [N, {h}, {w}] (the original image size), got {masks.shape}")
-        (h, w), (rh, rw) = self.original_size, self.resized_size
-        y0, x0, ch, cw = self.crop
-        rows = _source_index(y0, ch, h, rh)
-        cols = _source_index(x0, cw, w, rw)
+        h = self.original_size[0]
+        _, _, ch, cw = self.crop
+        rows, cols = self.source_indices()
         out = np.zeros((masks.shape[0], self.seg_size, self.seg_size), dtype=bool)
         window = out[:, :ch, :cw]
         # The column gather is element-wise (the row gather copies whole rows): run it on the fewer
@@ -161,6 +177,44 @@ class Geometry:
         return x.reshape(*lead, *self.original_size)
 
 
+@dataclass(frozen=True, slots=True)
+class MaskStack:
+    """N binary masks on the seg canvas, stored compactly: bit-packed at the image's original
+    resolution (`np.packbits` along the width) with the per-axis source indices of the canvas
+    window (`Geometry.source_indices`). `dense(device)` makes the [N, S, S] bool tensor there,
+    bit-identical to `Geometry.masks`. numpy, not torch: a dataloader worker hands numpy arrays to
+    the main process by value through its pipe, where each torch tensor would cost a
+    shared-memory segment of its own."""
+
+    bits: np.ndarray  # uint8 [N, H, ceil(W / 8)]
+    width: int  # W
+    rows: np.ndarray  # int64 [window h]: source row of each canvas row
+    cols: np.ndarray  # int64 [window w]: source column of each canvas column
+    seg_size: int
+
+    def __len__(self) -> int:
+        return int(self.bits.shape[0])
+
+    def select(self, index: list[int]) -> MaskStack:
+        """The stack of masks `index` (in that order)."""
+        picked = self.bits[np.asarray(index, dtype=np.int64)] if index else self.bits[:0]
+        return MaskStack(bits=picked, width=self.width, rows=self.rows, cols=self.cols, seg_size=self.seg_size)
+
+    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[N, S, S] bool on `device`: copy the bits there, unpack, gather the window, pad with False."""
+        n, s = len(self), self.seg_size
+        out = torch.zeros((n, s, s), dtype=torch.bool, device=device)
+        if n == 0:
+            return out
+        rows = torch.from_numpy(self.rows).to(device)
+        cols = torch.from_numpy(self.cols).to(device)
+        bits = torch.from_numpy(self.bits).to(device).index_select(1, rows)  # only the rows the window reads
+        shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
+        unpacked = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(n, len(rows), -1)[:, :, : self.width]
+        out[:, : len(rows), : len(cols)] = unpacked.index_select(2, cols).bool()
+        return out
+
+
 def decode_image(data: bytes, *, name: str = "") -> np.ndarray:
     """Encoded image bytes -> uint8 [H, W, 3] RGB, as X-SAM's `Image.open(...).convert("RGB")`.
 
@@ -175,8 +229,22 @@ def decode_image(data: bytes, *, name: str = "") -> np.ndarray:
     return np.array(rgb)  # writable, unlike np.asarray of a PIL image
 
 
-def vision_pixels(image: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 [H, W, 3] RGB -> float32 [3, V, V], SigLIP's input."""
+def normalize(images: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32, (float32(x * (1/255)) - mean) / std per channel.
+
+    A gather from the same 256-entry tables `vision_pixels`/`seg_pixels` use, so the result is
+    bit-identical on any device: loaders ship uint8 images (4x fewer bytes) and normalise here,
+    where the batch lands (as timm's GPU prefetcher does).
+    """
+    if images.dtype != torch.uint8 or images.ndim < 3 or images.shape[-3] != 3:
+        raise ValueError(f"images must be uint8 [..., 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    lut = torch.from_numpy(np.stack([_lut(mean[c], std[c]) for c in range(3)])).to(images.device)
+    offset = (torch.arange(3, device=images.device) * 256).view(3, 1, 1)
+    return lut.reshape(-1)[images.long() + offset]
+
+
+def vision_image(image: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 [H, W, 3] RGB -> uint8 [3, V, V]: SigLIP's input before normalisation."""
     pil = Image.fromarray(_check_rgb(image))
     if cfg.vision_expand_to_square and pil.width != pil.height:
         side = max(pil.width, pil.height)
@@ -185,9 +253,12 @@ def vision_pixels(image: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
         square.paste(pil, ((side - pil.width) // 2, (side - pil.height) // 2))
         pil = square
     resized = pil.resize((cfg.vision_size, cfg.vision_size), _RESAMPLE[cfg.vision_resample])
-    out = np.empty((3, cfg.vision_size, cfg.vision_size), dtype=np.float32)
-    _normalise_into(out, np.asarray(resized), cfg.vision_mean, cfg.vision_std)
-    return torch.from_numpy(out)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1)))
+
+
+def vision_pixels(image: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 [H, W, 3] RGB -> float32 [3, V, V], SigLIP's input."""
+    return normalize(vision_image(image, cfg), cfg.vision_mean, cfg.vision_std)
 
 
 def seg_pixels(
@@ -198,6 +269,24 @@ def seg_pixels(
     Without LSJ: longest side -> S, zero padding bottom/right. With `cfg.lsj`: large-scale
     jitter drawn from `rng` (two draws: the scale, then the crop fraction).
     """
+    canvas, geometry = seg_image(image, cfg, rng)
+    return normalize_seg(canvas, geometry.scaled_size, cfg), geometry
+
+
+def normalize_seg(canvas: torch.Tensor, scaled_size: tuple[int, int], cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 [3, S, S] seg canvas -> float32 SAM input: normalised inside `scaled_size`, zero
+    outside (SAM pads AFTER normalisation)."""
+    out = torch.zeros(canvas.shape, dtype=torch.float32, device=canvas.device)
+    h, w = scaled_size
+    out[:, :h, :w] = normalize(canvas[:, :h, :w], cfg.seg_mean, cfg.seg_std)
+    return out
+
+
+def seg_image(
+    image: np.ndarray, cfg: PreprocessConfig, rng: random.Random | None = None
+) -> tuple[torch.Tensor, Geometry]:
+    """uint8 [H, W, 3] RGB -> (uint8 [3, S, S] canvas, its Geometry): the SAM input before
+    normalisation; the resized window at the top left, zeros elsewhere (see `seg_pixels`)."""
     image = _check_rgb(image)
     h, w = image.shape[:2]
     s = cfg.seg_size
@@ -218,8 +307,8 @@ def seg_pixels(
     # rounding (<= 2 grey levels on a few % of pixels), ~3x cheaper than a 2x-sized image at s = 2.
     box = (x0 * w / rw, y0 * h / rh, (x0 + cw) * w / rw, (y0 + ch) * h / rh)
     resized = np.asarray(Image.fromarray(image).resize((cw, ch), Image.Resampling.BILINEAR, box=box))
-    out = np.zeros((3, s, s), dtype=np.float32)
-    _normalise_into(out[:, :ch, :cw], resized, cfg.seg_mean, cfg.seg_std)
+    out = np.zeros((3, s, s), dtype=np.uint8)
+    out[:, :ch, :cw] = resized.transpose(2, 0, 1)
     return torch.from_numpy(out), geometry
 
 
@@ -240,18 +329,14 @@ def _source_index(start: int, length: int, size: int, resized: int) -> np.ndarra
     return np.minimum(pos.astype(np.int64), size - 1)
 
 
-def _normalise_into(
-    out: np.ndarray, image: np.ndarray, mean: tuple[float, float, float], std: tuple[float, float, float]
-) -> None:
-    """out[c] = (float32(x * (1/255)) - mean[c]) / std[c], via a per-channel lookup table.
+def _lut(mean: float, std: float) -> np.ndarray:
+    """The 256 normalised values of one channel: (float32(x * (1/255)) - mean) / std.
 
-    The table is computed with the processors' own float64-rescale then float32-normalise steps,
-    so the result is bit-identical to them and costs one gather per pixel.
+    Computed with the processors' own float64-rescale then float32-normalise steps, so a gather
+    from it is bit-identical to them and costs one lookup per pixel.
     """
     values = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    for c in range(3):
-        lut = (values - np.float32(mean[c])) / np.float32(std[c])
-        np.take(lut, image[..., c], out=out[c], mode="clip")
+    return (values - np.float32(mean)) / np.float32(std)
 
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:

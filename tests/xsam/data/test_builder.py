@@ -60,7 +60,11 @@ def batches(world, names, *, builder_kw=None, loader_kw=None, **spec_kw):
     kw = {"tokenizer": world["tokenizer"], "preprocess": SMALL, "seed": spec.seed, **(builder_kw or {})}
     builder = XSamBuilder(micro_batch_size=spec.batching.global_batch_size, **kw)
     loader = StreamLoader(spec, builder=builder, cache_dir=world["tokenizer"].parent / "cache", **(loader_kw or {}))
-    return list(loader), loader
+    packed = list(loader)
+    for p in packed:  # compact on the way out of the workers: uint8 images, bit-packed masks
+        assert p.images.dtype == p.seg_images.dtype == torch.uint8
+        assert all(m is None or m.bits.dtype == np.uint8 for m in p.masks)
+    return [p.to("cpu") for p in packed], loader
 
 
 def reference_mask(rle, geometry) -> np.ndarray:

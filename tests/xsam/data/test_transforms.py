@@ -253,3 +253,38 @@ def test_inputs_and_config_are_validated():
             PreprocessConfig(**bad)
     with pytest.raises(dataclasses.FrozenInstanceError):
         PreprocessConfig().lsj = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("lsj_seed", [None, 0, 3, 5])
+def test_packed_masks_equal_the_dense_ones(lsj_seed):
+    """What the loader ships (MaskStack: bits at the original size + index maps) expands to exactly
+    the masks `Geometry.masks` makes, with and without jitter."""
+    from xsam.data.transforms import MaskStack
+
+    rs = np.random.RandomState(1)
+    image = rs.randint(0, 256, (45, 83, 3)).astype(np.uint8)
+    masks = rs.rand(5, 45, 83) > 0.6
+    cfg = PreprocessConfig(vision_size=16, seg_size=64, lsj=lsj_seed is not None)
+    rng = random.Random(lsj_seed) if lsj_seed is not None else None
+    _, geometry = seg_pixels(image, cfg, rng)
+    stack = geometry.pack(masks)
+    assert isinstance(stack, MaskStack) and len(stack) == 5
+    assert stack.bits.dtype == np.uint8 and stack.bits.shape == (5, 45, 11)
+    assert torch.equal(stack.dense(), geometry.masks(masks))
+    assert torch.equal(stack.select([4, 1]).dense(), geometry.masks(masks[[4, 1]]))
+    assert geometry.pack(masks[:0]).dense().shape == (0, 64, 64)
+
+
+def test_normalize_in_batches_equals_the_per_sample_inputs():
+    from xsam.data.transforms import normalize, normalize_seg, seg_image, vision_image
+
+    rs = np.random.RandomState(2)
+    cfg = PreprocessConfig(vision_size=24, seg_size=40)
+    images = [rs.randint(0, 256, (31, 17, 3)).astype(np.uint8), rs.randint(0, 256, (12, 40, 3)).astype(np.uint8)]
+    stacked = torch.stack([vision_image(im, cfg) for im in images])
+    assert stacked.dtype == torch.uint8
+    batch = normalize(stacked, cfg.vision_mean, cfg.vision_std)
+    for b, im in enumerate(images):
+        assert torch.equal(batch[b], vision_pixels(im, cfg))
+        canvas, geometry = seg_image(im, cfg)
+        assert torch.equal(normalize_seg(canvas, geometry.scaled_size, cfg), seg_pixels(im, cfg)[0])
