@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import io
-import json
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -55,29 +52,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-# The checkout first (`benchmarks/` is sys.path[0] when run as a script). tests/ is NOT put on
-# sys.path: its `xsam/` test folder would shadow the package as a namespace package.
-sys.path.insert(0, str(REPO))
+from common import CORPORA, DOCS, REPO, busy_share, emit, cpu_ticks, load_builders, loadavg, work_folder, write_block
+from common import machine as machine_facts
+
 # A single-machine Ray binds to loopback (read when ray is imported), and reports no usage stats.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-_SHARED = REPO.parent / "shared" / "corpora"
-CORPORA = _SHARED if (_SHARED / "coco_panoptic").is_dir() else REPO / "examples" / "corpora"
-DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
 
 TARGET_RATIO = 0.5  # of the Ray copy floor, default validation
 TARGET_PER_CORE = 300.0  # samples/s per worker, default validation, COCO-size images
-
-
-def _load_builders() -> Any:
-    spec = importlib.util.spec_from_file_location("builders", REPO / "tests" / "builders.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -96,7 +81,7 @@ class Case:
 
 def build_cases(root: Path, sizes: dict[str, int], corpora: Path) -> list[Case]:
     """The corpora named in `sizes` (name -> records), plus an 8-record warm-up copy of each."""
-    builders = _load_builders()
+    builders = load_builders()
     makers = {
         "instances-jpeg": ("coco-instances", lambda c, o, n: builders.build_instances(c, o, n, sample="rle")),
         "panoptic": ("coco-panoptic", builders.build_panoptic),
@@ -225,41 +210,11 @@ class Row:
     finalize_s: list[float] = field(default_factory=list)
 
 
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except (OSError, IndexError):
-        return "?"
-
-
-def cpu_ticks() -> list[int] | None:
-    """Machine-wide CPU ticks (user, nice, system, idle, iowait, ...) from /proc/stat, or None."""
-    try:
-        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def machine() -> dict[str, str]:
     import pyarrow
     import ray
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "ray": ray.__version__,
-        "pyarrow": pyarrow.__version__,
-        "platform": platform.platform(),
-    }
+    return machine_facts(ray=ray.__version__, pyarrow=pyarrow.__version__)
 
 
 def cpu_pass(case: Case, prepared: Any, units: int, scratch: Path) -> tuple[float, float, int]:
@@ -296,13 +251,7 @@ def cpu_pass(case: Case, prepared: Any, units: int, scratch: Path) -> tuple[floa
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="xsam-bench-"))
-    if root.exists() and any(root.iterdir()):
-        if not (root / ".xsam-bench").exists():
-            sys.exit(f"--out {root} exists and is not a folder this benchmark made; pass an empty or new folder")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / ".xsam-bench").touch()
+    root = work_folder(args.out, "xsam-bench")
     try:
         return _run(args, root)
     finally:
@@ -426,15 +375,6 @@ def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return result
 
 
-def busy_share(before: list[int] | None, after: list[int] | None) -> float | None:
-    """Share of all CPU time the machine was busy during the run (this run and anything else)."""
-    if not before or not after:
-        return None
-    delta = [b - a for a, b in zip(before, after)]
-    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal
-    return (total - delta[3] - delta[4]) / total if total else None
-
-
 def summarize(row: Row) -> dict[str, Any]:
     n = row.records
     ratios = [c / s for c, s in zip(row.copy_s, row.convert_s)]
@@ -531,12 +471,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_docs(table: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    write_block(BEGIN, END, table, missing=f"# Benchmarks\n\n{BEGIN}\n{END}\n")
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -615,13 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         profile(args)
         return 0
     result = run(args)
-    table = markdown(result)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.write_docs:
-        write_docs(table)
-        print(f"\n(updated {DOCS.relative_to(REPO)})", file=sys.stderr)
+    emit(markdown(result), result, args.json, write_docs if args.write_docs else None)
     return 0
 
 

@@ -48,11 +48,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import io
 import json
 import os
-import platform
 import pstats
 import resource
 import shutil
@@ -66,30 +64,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-# The checkout first (`benchmarks/` is sys.path[0] when run as a script). tests/ is NOT put on
-# sys.path: its `xsam/` test folder would shadow the package as a namespace package.
-sys.path.insert(0, str(REPO))
+from common import CORPORA, DOCS, REPO, busy_share, emit, cpu_ticks, load_builders, loadavg, work_folder, write_block
+from common import machine as machine_facts
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_SHARED = REPO.parent / "shared" / "corpora"
-CORPORA = _SHARED if (_SHARED / "coco_panoptic").is_dir() else REPO / "examples" / "corpora"
-DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:loader:begin -->", "<!-- bench:loader:end -->"
 SECTION = "# Benchmarks: training data stream"
 
 PARTS = ("throughput", "memory", "first-batch")
 TARGET_RATIO = 1.5  # loader with 2 workers / plain loop, on 2 cores
 SEED = 1234
-
-
-def _load_builders() -> Any:
-    spec = importlib.util.spec_from_file_location("builders", REPO / "tests" / "builders.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -107,13 +93,13 @@ def size_label(size: tuple[int, int]) -> str:
 def convert(inputs: dict[str, Path], out: Path, shard_samples: int) -> Path:
     from dataprep.convert import ConvertParams
 
-    return _load_builders().convert_local(
+    return load_builders().convert_local(
         "coco-instances", out, inputs, ConvertParams(shard_max_samples=shard_samples)
     )
 
 
 def build_inputs(root: Path, records: int) -> dict[str, Path]:
-    return _load_builders().build_instances(CORPORA, root, records, sample="rle", split="train2017")
+    return load_builders().build_instances(CORPORA, root, records, sample="rle", split="train2017")
 
 
 def mixture(path: Path | str, *, buffer: int, global_batch: int, epoch_items: int | None = None) -> Any:
@@ -528,33 +514,10 @@ def plan_memory(items_list: list[int], per_shard: int) -> list[dict[str, Any]]:
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except (OSError, IndexError):
-        return "?"
-
-
-def cpu_ticks() -> list[int] | None:
-    try:
-        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def busy_cores(before: list[int] | None, after: list[int] | None) -> float | None:
     """CPUs the whole machine kept busy between two `cpu_ticks` (this benchmark and anything else)."""
     share = busy_share(before, after)
     return None if share is None else share * (os.cpu_count() or 1)
-
-
-def busy_share(before: list[int] | None, after: list[int] | None) -> float | None:
-    """Share of all CPU time the machine was busy during the run (this run and anything else)."""
-    if not before or not after:
-        return None
-    delta = [b - a for a, b in zip(before, after)]
-    total = sum(delta[:8])
-    return (total - delta[3] - delta[4]) / total if total else None
 
 
 def machine() -> dict[str, str]:
@@ -562,34 +525,14 @@ def machine() -> dict[str, str]:
     import PIL
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": str(torch.get_num_threads()),
-        "pillow": PIL.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-    }
+    return machine_facts(
+        torch=torch.__version__, torch_threads=str(torch.get_num_threads()), pillow=PIL.__version__,
+        numpy=numpy.__version__,
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="xsam-bench-loader-"))
-    if root.exists() and any(root.iterdir()):
-        if not (root / ".xsam-bench-loader").exists():
-            sys.exit(f"--out {root} exists and is not a folder this benchmark made; pass an empty or new folder")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / ".xsam-bench-loader").touch()
+    root = work_folder(args.out, "xsam-bench-loader")
     try:
         return _run(args, root)
     finally:
@@ -842,12 +785,7 @@ def ttfb_lines(result: dict[str, Any]) -> list[str]:
 
 
 def write_docs(table: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else ""
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n## Results\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    write_block(BEGIN, END, table, missing=f"{SECTION}\n\n## Results\n\n{BEGIN}\n{END}\n")
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -974,13 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         profile(args)
         return 0
     result = run(args)
-    table = markdown(result)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.write_docs:
-        write_docs(table)
-        print(f"\n(updated {DOCS.relative_to(REPO)})", file=sys.stderr)
+    emit(markdown(result), result, args.json, write_docs if args.write_docs else None)
     return 0
 
 

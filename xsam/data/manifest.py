@@ -124,8 +124,8 @@ def is_complete(storage: Storage) -> bool:
     return storage.exists(MANIFEST) and storage.exists(DATASET)
 
 
-def load_dataset(storage: Storage) -> DatasetFiles:
-    """Read `dataset.json` + `manifest.parquet`; a clear error when the folder is not complete."""
+def require_complete(storage: Storage) -> None:
+    """FileNotFoundError, saying what to do, unless the folder holds a complete dataset."""
     if not storage.exists(MANIFEST):
         hint = (
             "a conversion into it did not finish; re-run the same `xsam data convert` command to resume"
@@ -133,6 +133,11 @@ def load_dataset(storage: Storage) -> DatasetFiles:
             else "is this the --out folder of `xsam data convert`?"
         )
         raise FileNotFoundError(f"{storage.describe(MANIFEST)} not found: not a complete dataset ({hint})")
+
+
+def load_dataset(storage: Storage) -> DatasetFiles:
+    """Read `dataset.json` + `manifest.parquet`; a clear error when the folder is not complete."""
+    require_complete(storage)
     meta = json.loads(storage.get_bytes(DATASET))
     manifest = read_parquet(storage, MANIFEST)
     return DatasetFiles(meta=meta, manifest=manifest, version=version_id(storage))

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from xsam.data.manifest import DATASET, INDEX, MANIFEST, WORK_DIR, read_parquet_table
+from xsam.data.manifest import DATASET, INDEX, MANIFEST, read_parquet_table, require_complete
 from xsam.data.mixture import MixtureError, MixtureSpec, SourceSpec, epoch_counts
 from xsam.data.storage import Storage, open_storage
 
@@ -107,13 +107,10 @@ class SourceInfo:
 def open_source(spec: SourceSpec, storage: Storage | None = None) -> SourceInfo:
     """Read a source's manifest and dataset.json (two small files; the shards are not touched)."""
     storage = storage or open_storage(spec.path)
-    if not storage.exists(MANIFEST):
-        hint = (
-            "its conversion did not finish: re-run the same `xsam data convert` command"
-            if storage.exists(f"{WORK_DIR}/plan.json")
-            else "point `path` at the --out folder of `xsam data convert`"
-        )
-        raise MixtureError(f"source {spec.name!r}: {storage.describe(MANIFEST)} not found ({hint})")
+    try:
+        require_complete(storage)
+    except FileNotFoundError as err:
+        raise MixtureError(f"source {spec.name!r}: {err}") from None
     manifest_bytes = storage.get_bytes(MANIFEST)
     cols = read_parquet_table(manifest_bytes).to_pydict()
     shards = []
