@@ -329,8 +329,9 @@ class StreamLoader:
                 self.epoch += 1
                 self.position = 0
             yield env.payload
-        if self.position == 0 and dataset.total == 0:
+        if self.position >= dataset.total:  # nothing was left: an empty epoch, or a state at its very end
             self.epoch += 1
+            self.position = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning."""
