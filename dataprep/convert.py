@@ -19,7 +19,7 @@ import hashlib
 import json
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dataprep.converters.base import ConvertOptions, Converter, Plan, UpstreamRecord
@@ -279,8 +279,9 @@ def run_unit(
         samples=len(entries),
         items=items_total,
     )
-    payload = asdict(result)
-    payload.pop("reused")
+    # what `asdict(result)` minus "reused" holds (the values are plain JSON data already; asdict's
+    # deep copy cost ~0.07 ms per record), so the completion record is byte-identical
+    payload = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "reused"}
     storage.put_bytes(done_rel, canonical_json({**payload, "digest": unit_digest}))
     return result
 

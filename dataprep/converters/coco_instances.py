@@ -33,8 +33,9 @@ from dataprep.converters.base import (
 from dataprep.quarantine import QuarantineRow, RecordRejected
 from dataprep.sources import open_tree
 from xsam.data import masks
-from xsam.data.schema import RLE, Image, Record, Segment, Source, make_key
+from xsam.data.schema import RLE, Image, Record, Segment, Source, checked_model, make_key
 
+_NUMBER = (int, float)
 FIX_INSTANCES = "pass a COCO instances file such as annotations/instances_val2017.json"
 
 
@@ -94,6 +95,18 @@ def image_entries(
 
 def polygon_or_rle(seg: Any, height: int, width: int) -> tuple[RLE | None, str | None, str]:
     """Upstream `segmentation` -> (RLE, None, "") or (None, reason, message) for quarantine."""
+    rle, reason, message = _segmentation_rle(seg, height, width)
+    if rle is None or masks.area(rle) == 0:
+        return None, reason, message
+    return rle, None, ""
+
+
+_EMPTY_RLE = ("empty_mask", "RLE mask covers no pixel")
+
+
+def _segmentation_rle(seg: Any, height: int, width: int) -> tuple[RLE | None, str, str]:
+    """`polygon_or_rle` before its no-pixel check: (RLE, reason, message if it covers no pixel) or
+    (None, reason, message)."""
     if isinstance(seg, list):
         if not seg or not all(isinstance(poly, list) for poly in seg):
             return None, "degenerate_polygon", "segmentation is an empty or malformed polygon list"
@@ -102,10 +115,8 @@ def polygon_or_rle(seg: Any, height: int, width: int) -> tuple[RLE | None, str |
                 return None, "degenerate_polygon", f"polygon with {len(poly)} coordinates (need >= 3 x,y points)"
         rles = mask_utils.frPyObjects(seg, height, width)
         merged = mask_utils.merge(rles)
-        rle = RLE(size=(height, width), counts=merged["counts"].decode("ascii"))
-        if masks.area(rle) == 0:
-            return None, "degenerate_polygon", "polygon covers no pixel"
-        return rle, None, ""
+        rle = masks.make_rle(height, width, merged["counts"].decode("ascii"))
+        return rle, "degenerate_polygon", "polygon covers no pixel"
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         if [int(v) for v in seg["size"]] != [height, width]:
             return None, "size_mismatch", f"RLE size {seg['size']} != image [h, w] [{height}, {width}]"
@@ -113,10 +124,56 @@ def polygon_or_rle(seg: Any, height: int, width: int) -> tuple[RLE | None, str |
             rle = masks.from_coco(seg)
         except (TypeError, ValueError) as err:
             return None, "invalid_annotation", f"unreadable RLE: {err}"
-        if masks.area(rle) == 0:
-            return None, "empty_mask", "RLE mask covers no pixel"
-        return rle, None, ""
+        return rle, *_EMPTY_RLE
     return None, "invalid_annotation", f"segmentation is neither polygons nor RLE: {str(seg)[:120]}"
+
+
+def _precomputed_masks(
+    anns: list[dict[str, Any] | None], height: int, width: int
+) -> list[tuple[RLE, int, str, str] | None]:
+    """Per annotation (None: skip it), what `polygon_or_rle` would compute from its segmentation:
+    (RLE, pixel count, reason, message if the count is 0), with ONE pycocotools area call for all.
+
+    None where `polygon_or_rle` would not return an RLE or would raise (anything unusual, caught
+    here): the caller runs `polygon_or_rle` itself there, so rejections, their messages and any
+    exception come exactly as before, in annotation order. Pure: the segmentations are not changed.
+    """
+    found: list[tuple[RLE, str, str] | None] = []
+    coco: list[dict[str, Any]] = []
+    for ann in anns:
+        if ann is None:
+            found.append(None)
+            continue
+        seg = ann.get("segmentation")
+        if type(seg) is dict:  # the common compressed RLE: what from_coco and to_coco would give
+            size, counts = seg.get("size"), seg.get("counts")
+            if (
+                type(size) is list
+                and len(size) == 2
+                and type(size[0]) is int
+                and type(size[1]) is int
+                and size[0] == height
+                and size[1] == width
+                and type(counts) is str
+                and counts.isascii()
+            ):
+                h, w = size
+                found.append((checked_model(RLE, {"size": (h, w), "counts": counts}), *_EMPTY_RLE))
+                coco.append({"size": [h, w], "counts": counts.encode("ascii")})
+                continue
+        try:
+            rle, reason, message = _segmentation_rle(seg, height, width)
+            if rle is None:
+                found.append(None)
+                continue
+            coco_rle = masks.to_coco(rle)
+        except Exception:  # noqa: BLE001 - polygon_or_rle raises it again, in order
+            found.append(None)
+            continue
+        found.append((rle, reason, message))
+        coco.append(coco_rle)
+    areas = iter(masks.areas(coco))
+    return [None if f is None else (f[0], next(areas), f[1], f[2]) for f in found]
 
 
 class CocoJsonConverter(Converter):
@@ -163,6 +220,18 @@ class CocoJsonConverter(Converter):
         expect = (img.get("height"), img.get("width"))
         return data, image_model(data, info, img["file_name"], expect if None not in expect else None)
 
+    def _reaches_mask(self, ann: dict[str, Any]) -> bool:
+        """Whether `_annotation_segments` gets as far as the annotation's mask (False if unsure)."""
+        try:
+            ann_id, category_id = ann.get("id"), ann.get("category_id")
+            if not isinstance(ann_id, int):
+                return False
+            if self._categories.get(category_id) is None:  # type: ignore[arg-type]
+                return not self._categories and isinstance(category_id, int)
+            return True
+        except Exception:  # noqa: BLE001 - e.g. an unhashable category id: the loop raises it, in order
+            return False
+
     def _annotation_segments(
         self, upstream: UpstreamRecord, h: int, w: int, parts: list[QuarantineRow]
     ) -> tuple[list[Segment], list[RLE], list[str]]:
@@ -173,7 +242,9 @@ class CocoJsonConverter(Converter):
         crowd: list[RLE] = []
         names: list[str] = []
         anns = [a for a in upstream.payload["annotations"] or [] if isinstance(a, dict)]
-        for ann in sorted(anns, key=lambda a: (str(type(a.get("id"))), a.get("id"))):
+        anns.sort(key=lambda a: (str(type(a.get("id"))), a.get("id")))
+        precomputed = _precomputed_masks([a if self._reaches_mask(a) else None for a in anns], h, w)
+        for ann, pre in zip(anns, precomputed):
             ann_id = ann.get("id")
             if not isinstance(ann_id, int):
                 parts.append(
@@ -185,20 +256,27 @@ class CocoJsonConverter(Converter):
                     )
                 )
                 continue
-            cat = self._categories.get(ann.get("category_id"))  # type: ignore[arg-type]
+            category_id = ann.get("category_id")
+            cat = self._categories.get(category_id)  # type: ignore[arg-type]
             if cat is None and (
-                self._categories or not isinstance(ann.get("category_id"), int)
+                self._categories or not isinstance(category_id, int)
             ):
                 parts.append(
                     self._part(
                         upstream,
                         ann_id,
                         "unknown_category",
-                        f"category_id {ann.get('category_id')!r} is not in `categories`",
+                        f"category_id {category_id!r} is not in `categories`",
                     )
                 )
                 continue
-            rle, reason, message = polygon_or_rle(ann.get("segmentation"), h, w)
+            if pre is None:
+                rle, reason, message = polygon_or_rle(ann.get("segmentation"), h, w)
+                pixels = None
+            else:  # what polygon_or_rle returns, from the record's one area call
+                rle, pixels, reason, message = pre
+                if pixels == 0:
+                    rle = None
             if rle is None:
                 parts.append(
                     self._part(
@@ -210,12 +288,15 @@ class CocoJsonConverter(Converter):
             if not (
                 isinstance(bbox, list)
                 and len(bbox) == 4
-                and all(isinstance(v, (int, float)) for v in bbox)
+                and isinstance(bbox[0], _NUMBER)
+                and isinstance(bbox[1], _NUMBER)
+                and isinstance(bbox[2], _NUMBER)
+                and isinstance(bbox[3], _NUMBER)
             ):
                 bbox = list(masks.bbox(rle))
             area = ann.get("area")
             if not isinstance(area, (int, float)) or area < 0:
-                area = masks.area(rle)
+                area = masks.area(rle) if pixels is None else pixels
             iscrowd = bool(ann.get("iscrowd", 0))
             name = cat["name"] if cat else None
             phrase_index = None
@@ -223,19 +304,28 @@ class CocoJsonConverter(Converter):
                 if name not in names:
                     names.append(name)
                 phrase_index = names.index(name)
-            segments.append(
-                Segment(
-                    id=ann_id,
-                    rle=rle,
-                    category_id=ann.get("category_id"),
-                    category_name=name,
-                    isthing=cat["isthing"] if cat else True,
-                    iscrowd=iscrowd,
-                    bbox=tuple(float(v) for v in bbox),
-                    area=float(area),
-                    phrase_index=phrase_index,
-                )
+            isthing = cat["isthing"] if cat else True
+            values = {
+                "id": ann_id,
+                "rle": rle,
+                "category_id": category_id,
+                "category_name": name,
+                "isthing": isthing,
+                "iscrowd": iscrowd,
+                "bbox": tuple(map(float, bbox)),
+                "area": float(area),
+                "phrase_index": phrase_index,
+            }
+            checked = (
+                type(ann_id) is int
+                and (category_id is None or type(category_id) is int)
+                and (name is None or type(name) is str)
+                and type(isthing) is bool
+                and values["area"] >= 0  # Segment.area: ge=0 (False for NaN)
             )
+            # Every other value is built above with the exact type Segment stores (bool, a tuple of
+            # 4 floats, an RLE, an int >= 0 or None): what validating would store, without the pass.
+            segments.append(checked_model(Segment, values) if checked else Segment(**values))
             if iscrowd:
                 crowd.append(rle)
         return segments, crowd, names

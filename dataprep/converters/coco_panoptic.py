@@ -26,7 +26,7 @@ from dataprep.imagecheck import decode_png_array
 from dataprep.quarantine import QuarantineRow, RecordRejected
 from dataprep.sources import open_tree
 from xsam.data import masks
-from xsam.data.schema import Record, Segment, make_key
+from xsam.data.schema import Record, Segment, checked_model, make_key
 
 FIX_PANOPTIC = "pass a COCO panoptic file such as annotations/panoptic_val2017.json"
 
@@ -178,13 +178,22 @@ class CocoPanoptic(CocoJsonConverter):
                 area = masks.area(rle)
             if cat["name"] not in names:
                 names.append(cat["name"])
-            segments.append(
-                Segment(
-                    id=seg_id, rle=rle, category_id=cat["id"], category_name=cat["name"], isthing=cat["isthing"],
-                    iscrowd=bool(info_entry.get("iscrowd", 0)), bbox=tuple(float(v) for v in bbox), area=float(area),
-                    phrase_index=names.index(cat["name"]),
-                )
+            values = {
+                "id": seg_id, "rle": rle, "category_id": cat["id"], "category_name": cat["name"],
+                "isthing": cat["isthing"], "iscrowd": bool(info_entry.get("iscrowd", 0)),
+                "bbox": tuple(float(v) for v in bbox), "area": float(area), "phrase_index": names.index(cat["name"]),
+            }
+            checked = (
+                type(seg_id) is int
+                and type(values["category_id"]) is int
+                and type(values["category_name"]) is str
+                and type(values["isthing"]) is bool
+                and len(values["bbox"]) == 4
+                and values["area"] >= 0  # Segment.area: ge=0 (False for NaN)
             )
+            # rle is an RLE, iscrowd a bool, bbox floats, phrase_index an int >= 0: exactly what
+            # validating would store (xsam.data.schema.checked_model), else Segment validates (and may reject)
+            segments.append(checked_model(Segment, values) if checked else Segment(**values))
         ignore = rles["ignore"]
 
         record = Record(

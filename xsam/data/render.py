@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 import random
 import re
 import string
@@ -62,6 +63,7 @@ from xsam.data.schema import (
     SegTarget,
     Span,
     Turn,
+    checked_model,
     item_key,
 )
 
@@ -333,6 +335,24 @@ def _category_span(category_id: int) -> Span:
 
 
 @functools.lru_cache(maxsize=4096)
+def _category_phrase(name: str) -> str | None:
+    """`<p>{clean_category_name(name)}</p>`, the category's span in a genseg/ovseg question; None
+    when the cleaned name holds a reserved string (`_Ctx.plain` rejects it). Cached: a record lists
+    the whole vocabulary (133 names), so each name is cleaned and checked once per process."""
+    text = clean_category_name(name)
+    if any(token in text for token in _SPECIAL):
+        return None
+    return f"<p>{text}</p>"
+
+
+_ID = operator.attrgetter("id")
+def _seg_target(segment: int, span: int) -> SegTarget:
+    """`SegTarget(segment=segment, span=span)` without the validation pass, for the genseg answer,
+    whose indices come from `enumerate`/`range` (exact ints >= 0, what validation would store)."""
+    return checked_model(SegTarget, {"segment": segment, "span": span})
+
+
+@functools.lru_cache(maxsize=4096)
 def clean_category_name(name: str) -> str:
     """A category name as genseg/ovseg prompts show it (`tag_categories`, spec §1.3).
 
@@ -459,15 +479,15 @@ def _render_genseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
     Training: full vocabulary shuffled (paper) or positives + random negatives (`main`), drawn per
     epoch (spec §7 pitfall 3). Evaluation: full vocabulary in id order, template 0.
     """
-    vocab = sorted(vocabulary if vocabulary is not None else _record_vocabulary(ctx), key=lambda c: c.id)
+    vocab = sorted(vocabulary if vocabulary is not None else _record_vocabulary(ctx), key=_ID)
     if not vocab:
         raise ctx.error("empty category vocabulary")
-    if len({c.id for c in vocab}) != len(vocab):
+    vocab_ids = set(map(_ID, vocab))
+    if len(vocab_ids) != len(vocab):
         raise ctx.error("the vocabulary repeats a category id")
-    by_id = {c.id: c for c in vocab}
     targets = [(i, s) for i, s in enumerate(ctx.record.segments) if not s.iscrowd]
     for _, seg in targets:
-        if seg.category_id not in by_id:
+        if seg.category_id not in vocab_ids:
             raise ctx.error(f"segment {seg.id}: category {seg.category_id} is not in the vocabulary")
 
     rng = ctx.rng(0) if ctx.mode == "train" else None
@@ -485,14 +505,19 @@ def _render_genseg(ctx: _Ctx, vocabulary: list[Category] | None) -> list[Item]:
         rng.shuffle(cats)
 
     question, answer = ctx.pick(rng, "questions"), ctx.pick(rng, "answers")
-    names = [ctx.plain(clean_category_name(c.name), f"category {c.id} name") for c in cats]
-    span_of = {c.id: k for k, c in enumerate(cats)}
+    phrases = [_category_phrase(c.name) for c in cats]
+    if None in phrases:  # a name holding a reserved string: ctx.plain raises with its message
+        for c, phrase in zip(cats, phrases):
+            if phrase is None:
+                ctx.plain(clean_category_name(c.name), f"category {c.id} name")
+    cat_ids = list(map(_ID, cats))
+    span_of = dict(zip(cat_ids, range(len(cats))))
     turns = [
-        Turn(role="user", text=question.format(categories=", ".join(f"<p>{n}</p>" for n in names))),
+        Turn(role="user", text=question.format(categories=", ".join(phrases))),
         Turn(role="assistant", text=answer.format()),
     ]
-    seg = SegAnswer(turn=1, targets=[SegTarget(segment=i, span=span_of[s.category_id]) for i, s in targets])
-    spans = [_category_span(c.id) for c in cats]
+    seg = SegAnswer(turn=1, targets=[_seg_target(i, span_of[s.category_id]) for i, s in targets])
+    spans = list(map(_category_span, cat_ids))
     return [ctx.item(0, turns, spans, [seg], [question.id, answer.id])]
 
 

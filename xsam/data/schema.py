@@ -20,7 +20,7 @@ Bump `SCHEMA_VERSION` on any change a reader must know about: the major part on 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -261,6 +261,30 @@ class ShardSample(_Strict):
                     if target.segment >= len(rec.segments):
                         raise ValueError(f"{where}: <SEG> target segment {target.segment} out of range")
         return self
+
+
+M = TypeVar("M", bound=BaseModel)
+_new = object.__new__
+_setattr = object.__setattr__
+
+
+def checked_model(cls: type[M], values: dict[str, Any]) -> M:
+    """`cls(**values)` without pydantic's validation pass, for hot paths that have checked the values.
+
+    Only for a `_Strict` model without private attributes whose validation would store `values`
+    unchanged: EVERY field given, in the model's field order (the order pydantic serialises the
+    fields in), each value already of the exact type the field stores (an `int` field gets an `int`,
+    never a `bool`; a nested model gets an instance) and within the field's constraints. The
+    instance is then identical to the validated one: same `__dict__` (same keys in the same order,
+    same objects), all fields counted as set, no extra and no private values (tested in
+    tests/dataprep/test_fast_paths.py). Like `model_construct`, which is slower than validating.
+    """
+    model = _new(cls)
+    _setattr(model, "__dict__", values)
+    _setattr(model, "__pydantic_fields_set__", set(values))
+    _setattr(model, "__pydantic_extra__", None)
+    _setattr(model, "__pydantic_private__", None)
+    return model
 
 
 def item_key(record_key: str, index: int) -> str:
