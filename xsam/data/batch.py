@@ -3,9 +3,12 @@
 
 Why two batch types: at the paper's sizes a dense item is ~45 MB (30 target masks at 1024² and a
 float32 1024² image), and moving that from a dataloader worker into shared memory costs as much
-CPU as building it (benchmarks/loader.py). A `PackedBatch` ships uint8 images and bit-packed masks
-at the images' own resolution (~30x fewer bytes); `.to(device)` copies them and then normalises
-and resamples ON the device, bit-identical to the dense path (`xsam.data.transforms`).
+CPU as building it (benchmarks/loader.py). A `PackedBatch` holds only numpy arrays (a worker hands
+them over by value through its pipe; each torch tensor would cost a shared-memory segment of its
+own): the uint8 resized images (for SAM only the valid window, no padding) and the masks
+bit-packed at the images' own resolution, ~10x fewer bytes. `.to(device)` copies them and then
+normalises, pads and resamples ON the device, bit-identical to the dense path
+(`xsam.data.transforms`).
 
 Text follows the spec's conventions (§1.1): `input_ids` hold the sentinels -200 (`<image>`) and
 -300 (`<region>`) where the model splices visual features; `labels` are -100 except on answer tokens;
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xsam.data.transforms import Geometry, MaskStack, PreprocessConfig, normalize, normalize_seg
+from xsam.data.transforms import Geometry, MaskStack, PreprocessConfig, normalize
 from xsam.text.tokens import IGNORE_INDEX
 
 
@@ -45,12 +48,12 @@ class Sample:
     key: str
     source: str
     task: str
-    input_ids: torch.Tensor  # [L] long
-    labels: torch.Tensor  # [L] long
-    cond_ids: torch.Tensor  # [L] long
-    seg_ids: torch.Tensor  # [L] long
-    image: torch.Tensor | None  # uint8 [3, V, V] SigLIP input before normalisation; None: text-only
-    seg_image: torch.Tensor | None  # uint8 [3, S, S] SAM canvas before normalisation
+    input_ids: np.ndarray  # [L] int64
+    labels: np.ndarray  # [L] int64
+    cond_ids: np.ndarray  # [L] int64
+    seg_ids: np.ndarray  # [L] int64
+    image: np.ndarray | None  # uint8 [V, V, 3] SigLIP input before normalisation; None: text-only
+    seg_window: np.ndarray | None  # uint8 [h, w, 3] the valid part of the SAM canvas (scaled_size)
     geometry: Geometry | None
     masks: MaskStack | None  # N targets (None without an image)
     mask_spans: np.ndarray  # [N] int64
@@ -94,7 +97,8 @@ class Batch:
 
 @dataclass(kw_only=True, slots=True)
 class PackedBatch:
-    """What a loader yields: text padded, images uint8, masks bit-packed. `.to(device)` -> `Batch`.
+    """What a loader yields: numpy only; text padded, images uint8, masks bit-packed.
+    `.to(device)` -> `Batch`.
 
     `region_refs[b]` has one row per `<region>` of sample b: (owner, row, quarter): the region is
     row `row` of sample `owner`'s own prompts, or, when `row` is -1, quarter `quarter` of
@@ -104,16 +108,16 @@ class PackedBatch:
     keys: list[str]
     sources: list[str]
     tasks: list[str]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    cond_ids: torch.Tensor
-    seg_ids: torch.Tensor
-    has_image: torch.Tensor
-    images: torch.Tensor  # uint8 [B, 3, V, V]
-    seg_images: torch.Tensor  # uint8 [B, 3, S, S]
-    image_sizes: torch.Tensor
-    scaled_sizes: torch.Tensor
+    input_ids: np.ndarray  # [B, L] int64
+    attention_mask: np.ndarray  # [B, L] bool
+    labels: np.ndarray
+    cond_ids: np.ndarray
+    seg_ids: np.ndarray
+    has_image: np.ndarray  # [B] bool
+    images: np.ndarray  # uint8 [B, V, V, 3]
+    seg_windows: list[np.ndarray | None]  # B x uint8 [h_b, w_b, 3]
+    image_sizes: np.ndarray  # [B, 2] int64
+    scaled_sizes: np.ndarray  # [B, 2] int64
     geometries: list[Geometry | None]
     masks: list[MaskStack | None]
     mask_spans: list[np.ndarray]
@@ -128,23 +132,22 @@ class PackedBatch:
         return len(self.keys)
 
     def to(self, device: torch.device | str = "cpu", non_blocking: bool = False) -> Batch:
-        """Copy to `device`, then normalise the images and expand the masks there."""
+        """Copy to `device`, then normalise and pad the images and expand the masks there."""
 
-        def move(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-            if isinstance(x, np.ndarray):
-                x = torch.from_numpy(x)
-            return x.to(device, non_blocking=non_blocking)
+        def move(x: np.ndarray) -> torch.Tensor:
+            # arrays straight from PIL are read-only (only without workers; unpickled ones are not)
+            return torch.from_numpy(x if x.flags.writeable else x.copy()).to(device, non_blocking=non_blocking)
 
         cfg, n = self.preprocess, len(self)
         s = cfg.seg_size
         seg = torch.zeros((n, 3, s, s), dtype=torch.float32, device=device)
-        seg_images = move(self.seg_images)
-        for b in range(n):
-            if self.has_image[b]:
-                h, w = (int(v) for v in self.scaled_sizes[b])
-                seg[b] = normalize_seg(seg_images[b], (h, w), cfg)
-        pixel_values = normalize(move(self.images), cfg.vision_mean, cfg.vision_std)
-        pixel_values[~move(self.has_image)] = 0
+        for b, window in enumerate(self.seg_windows):
+            if window is not None:
+                h, w = window.shape[:2]
+                seg[b, :, :h, :w] = normalize(move(window).permute(2, 0, 1), cfg.seg_mean, cfg.seg_std)
+        has_image = move(self.has_image)
+        pixel_values = normalize(move(self.images).permute(0, 3, 1, 2), cfg.vision_mean, cfg.vision_std)
+        pixel_values[~has_image] = 0
         empty = torch.zeros((0, s, s), dtype=torch.bool, device=device)
         dense = [m.dense(device) if m is not None else empty for m in self.masks]
         own = [r.dense(device) if r is not None else empty for r in self.regions]
@@ -164,17 +167,17 @@ class PackedBatch:
         return Batch(
             keys=self.keys, sources=self.sources, tasks=self.tasks,
             input_ids=move(self.input_ids), attention_mask=move(self.attention_mask), labels=move(self.labels),
-            cond_ids=move(self.cond_ids), seg_ids=move(self.seg_ids), has_image=move(self.has_image),
+            cond_ids=move(self.cond_ids), seg_ids=move(self.seg_ids), has_image=has_image,
             pixel_values=pixel_values, seg_pixel_values=seg, image_sizes=move(self.image_sizes),
             scaled_sizes=move(self.scaled_sizes), geometries=self.geometries, masks=dense,
             mask_spans=[move(x) for x in self.mask_spans], mask_segs=[move(x) for x in self.mask_segs],
-            ignore=ignore, regions=regions, region_sources=[move(r[:, 0]) for r in self.region_refs],
+            ignore=ignore, regions=regions, region_sources=[move(np.ascontiguousarray(r[:, 0])) for r in self.region_refs],
             truncated=self.truncated,
         )
 
 
 def collate(samples: list[Sample], *, pad_id: int, preprocess: PreprocessConfig, seed: int = 0) -> PackedBatch:
-    """Pad the texts (right), stack the uint8 images, and resolve VGD negative regions.
+    """Pad the texts (right), stack the uint8 SigLIP images, and resolve VGD negative regions.
 
     A negative `<region>` takes a visual prompt of another sample of the batch (drawn with a rng
     seeded by the item keys, so the choice is reproducible); with no other sample holding prompts
@@ -185,27 +188,25 @@ def collate(samples: list[Sample], *, pad_id: int, preprocess: PreprocessConfig,
         raise ValueError("cannot collate an empty list of samples")
     n = len(samples)
     length = max(len(x.input_ids) for x in samples)
-    v, s = preprocess.vision_size, preprocess.seg_size
+    v = preprocess.vision_size
 
-    def pad(name: str, value: int) -> torch.Tensor:
-        out = torch.full((n, length), value, dtype=torch.long)
+    def pad(name: str, value: int) -> np.ndarray:
+        out = np.full((n, length), value, dtype=np.int64)
         for b, x in enumerate(samples):
             t = getattr(x, name)
             out[b, : len(t)] = t
         return out
 
-    attention = torch.zeros((n, length), dtype=torch.bool)
-    images = torch.zeros((n, 3, v, v), dtype=torch.uint8)
-    seg_images = torch.zeros((n, 3, s, s), dtype=torch.uint8)
-    image_sizes = torch.zeros((n, 2), dtype=torch.long)
-    scaled_sizes = torch.zeros((n, 2), dtype=torch.long)
+    attention = np.zeros((n, length), dtype=bool)
+    images = np.zeros((n, v, v, 3), dtype=np.uint8)
+    image_sizes = np.zeros((n, 2), dtype=np.int64)
+    scaled_sizes = np.zeros((n, 2), dtype=np.int64)
     for b, x in enumerate(samples):
         attention[b, : len(x.input_ids)] = True
-        if x.image is not None and x.seg_image is not None and x.geometry is not None:
+        if x.image is not None and x.geometry is not None:
             images[b] = x.image
-            seg_images[b] = x.seg_image
-            image_sizes[b] = torch.tensor(x.geometry.original_size)
-            scaled_sizes[b] = torch.tensor(x.geometry.scaled_size)
+            image_sizes[b] = x.geometry.original_size
+            scaled_sizes[b] = x.geometry.scaled_size
     return PackedBatch(
         keys=[x.key for x in samples],
         sources=[x.source for x in samples],
@@ -215,9 +216,9 @@ def collate(samples: list[Sample], *, pad_id: int, preprocess: PreprocessConfig,
         labels=pad("labels", IGNORE_INDEX),
         cond_ids=pad("cond_ids", -1),
         seg_ids=pad("seg_ids", -1),
-        has_image=torch.tensor([x.image is not None for x in samples]),
+        has_image=np.array([x.image is not None for x in samples], dtype=bool),
         images=images,
-        seg_images=seg_images,
+        seg_windows=[x.seg_window for x in samples],
         image_sizes=image_sizes,
         scaled_sizes=scaled_sizes,
         geometries=[x.geometry for x in samples],

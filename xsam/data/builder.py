@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 
 from xsam.data.batch import PackedBatch, Sample, collate
@@ -32,7 +31,7 @@ from xsam.data.loader import RawItem
 from xsam.data.plan import derive_seed
 from xsam.data.render import Category, RenderOptions, Templates, load_templates, render_record
 from xsam.data.schema import ShardSample
-from xsam.data.transforms import PreprocessConfig, decode_image, seg_image, vision_image
+from xsam.data.transforms import PreprocessConfig, decode_image, seg_window, vision_resized
 from xsam.data.vprompts import rasterise_prompt
 from xsam.text.chat import get_chat_format
 from xsam.text.encode import Truncation, encode_item
@@ -123,15 +122,15 @@ class XSamBuilder:
         spans, segs = item.spans[: text.spans_kept], item.segs[: text.segs_kept]
 
         cfg = self.preprocess
-        image_u8 = seg_u8 = geometry = masks = ignore = regions = None
+        image_u8 = window = geometry = masks = ignore = regions = None
         mask_spans: list[int] = []
         mask_segs: list[int] = []
         region_slots: list[int] = []
         if record.image is not None:
             image = decode_image(raw.member(record.image.ext), name=f"{raw.source.name}:{raw.key}")
             rng = random.Random(derive_seed(self.seed, "augment", raw.key, raw.ref.pass_)) if cfg.lsj else None
-            image_u8 = vision_image(image, cfg)
-            seg_u8, geometry = seg_image(image, cfg, rng)
+            image_u8 = vision_resized(image, cfg)
+            window, geometry = seg_window(image, cfg, rng)
             h, w = image.shape[:2]
             rles: list = []
             for j, seg in enumerate(segs):
@@ -152,12 +151,12 @@ class XSamBuilder:
             key=raw.key,
             source=raw.source.name,
             task=record.task,
-            input_ids=torch.tensor(text.input_ids, dtype=torch.long),
-            labels=torch.tensor(text.labels, dtype=torch.long),
-            cond_ids=torch.tensor(text.cond_ids, dtype=torch.long),
-            seg_ids=torch.tensor(text.seg_ids, dtype=torch.long),
+            input_ids=np.asarray(text.input_ids, dtype=np.int64),
+            labels=np.asarray(text.labels, dtype=np.int64),
+            cond_ids=np.asarray(text.cond_ids, dtype=np.int64),
+            seg_ids=np.asarray(text.seg_ids, dtype=np.int64),
             image=image_u8,
-            seg_image=seg_u8,
+            seg_window=window,
             geometry=geometry,
             masks=masks,
             mask_spans=np.asarray(mask_spans, dtype=np.int64),

@@ -245,6 +245,11 @@ def normalize(images: torch.Tensor, mean: tuple[float, float, float], std: tuple
 
 def vision_image(image: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
     """uint8 [H, W, 3] RGB -> uint8 [3, V, V]: SigLIP's input before normalisation."""
+    return torch.from_numpy(np.ascontiguousarray(vision_resized(image, cfg).transpose(2, 0, 1)))
+
+
+def vision_resized(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 [H, W, 3] RGB -> uint8 [V, V, 3]: the resized (and squared) image, what a loader ships."""
     pil = Image.fromarray(_check_rgb(image))
     if cfg.vision_expand_to_square and pil.width != pil.height:
         side = max(pil.width, pil.height)
@@ -252,8 +257,7 @@ def vision_image(image: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
         square = Image.new("RGB", (side, side), fill)
         square.paste(pil, ((side - pil.width) // 2, (side - pil.height) // 2))
         pil = square
-    resized = pil.resize((cfg.vision_size, cfg.vision_size), _RESAMPLE[cfg.vision_resample])
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1)))
+    return np.asarray(pil.resize((cfg.vision_size, cfg.vision_size), _RESAMPLE[cfg.vision_resample]))
 
 
 def vision_pixels(image: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
@@ -287,6 +291,18 @@ def seg_image(
 ) -> tuple[torch.Tensor, Geometry]:
     """uint8 [H, W, 3] RGB -> (uint8 [3, S, S] canvas, its Geometry): the SAM input before
     normalisation; the resized window at the top left, zeros elsewhere (see `seg_pixels`)."""
+    window, geometry = seg_window(image, cfg, rng)
+    h, w = geometry.scaled_size
+    out = np.zeros((3, cfg.seg_size, cfg.seg_size), dtype=np.uint8)
+    out[:, :h, :w] = window.transpose(2, 0, 1)
+    return torch.from_numpy(out), geometry
+
+
+def seg_window(
+    image: np.ndarray, cfg: PreprocessConfig, rng: random.Random | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """uint8 [H, W, 3] RGB -> (uint8 [h, w, 3] resized window, its Geometry): only the valid part
+    of the SAM canvas (`scaled_size`), what a loader ships; the padding is added where it lands."""
     image = _check_rgb(image)
     h, w = image.shape[:2]
     s = cfg.seg_size
@@ -306,10 +322,7 @@ def seg_image(
     # Resize only the kept window (PIL's `box`): resize-then-crop up to PIL's fixed-point filter
     # rounding (<= 2 grey levels on a few % of pixels), ~3x cheaper than a 2x-sized image at s = 2.
     box = (x0 * w / rw, y0 * h / rh, (x0 + cw) * w / rw, (y0 + ch) * h / rh)
-    resized = np.asarray(Image.fromarray(image).resize((cw, ch), Image.Resampling.BILINEAR, box=box))
-    out = np.zeros((3, s, s), dtype=np.uint8)
-    out[:, :ch, :cw] = resized.transpose(2, 0, 1)
-    return torch.from_numpy(out), geometry
+    return np.asarray(Image.fromarray(image).resize((cw, ch), Image.Resampling.BILINEAR, box=box)), geometry
 
 
 def _resized(size: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -62,7 +62,7 @@ def batches(world, names, *, builder_kw=None, loader_kw=None, **spec_kw):
     loader = StreamLoader(spec, builder=builder, cache_dir=world["tokenizer"].parent / "cache", **(loader_kw or {}))
     packed = list(loader)
     for p in packed:  # compact on the way out of the workers: uint8 images, bit-packed masks
-        assert p.images.dtype == p.seg_images.dtype == torch.uint8
+        assert p.images.dtype == np.uint8 and all(w is None or w.dtype == np.uint8 for w in p.seg_windows)
         assert all(m is None or m.bits.dtype == np.uint8 for m in p.masks)
     return [p.to("cpu") for p in packed], loader
 
