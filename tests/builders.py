@@ -204,3 +204,28 @@ def read_samples(root: Path) -> dict:
 def read_records(root: Path) -> dict:
     """{key: ShardSample} of a local dataset folder."""
     return {key: sample for key, (sample, _) in read_samples(root).items()}
+
+
+def tiny_record(task: str, n_segments: int, split: str = "train", *, key: str | None = None, **fields: Any):
+    """A hand-built 4x6 record with `n_segments` disjoint single-column segments (renderer and text
+    tests; the key defaults to `tiny-SPLIT-N`)."""
+    import numpy as np
+
+    from xsam.data import masks
+    from xsam.data.schema import Image, Record, Segment, Source, make_key
+
+    h, w = 4, 6
+    segments = []
+    for i in range(n_segments):
+        mask = np.zeros((h, w), bool)
+        mask[:, i] = True
+        segments.append(Segment(id=100 + i, rle=masks.encode(mask), bbox=(float(i), 0.0, 1.0, 4.0), area=4.0))
+    return Record(
+        key=key or make_key("tiny", split, n_segments),
+        task=task,
+        source=Source(corpus="tiny", split=split, upstream_ids={"image_id": 1}, annotation_file="a.json",
+                      annotation_sha256="0" * 64),
+        image=Image(ext="jpg", sha256="0" * 64, bytes=1, width=w, height=h, file_name="a.jpg"),
+        segments=segments,
+        **fields,
+    )

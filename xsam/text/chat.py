@@ -11,6 +11,7 @@ prompt). The system prompt is empty in every X-SAM config.
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 
@@ -65,6 +66,16 @@ class ChatFormat:
 _QWEN3_SYSTEM = "<|im_start|>system\n{system}<|im_end|>\n"
 _QWEN3_INSTRUCTION = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
 
+_QWEN3 = ChatFormat(
+    name="qwen3_instruct",
+    system=_QWEN3_SYSTEM,
+    instruction=_QWEN3_INSTRUCTION,
+    suffix="<|im_end|>",
+    suffix_as_eos=True,
+    sep="\n",
+    bos=False,
+)
+
 CHAT_FORMATS: dict[str, ChatFormat] = {
     # xtuner PROMPT_TEMPLATE.phi3_chat, as X-SAM's Phi-3 configs use it (the paper model)
     "phi3_chat": ChatFormat(
@@ -77,25 +88,9 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
         bos=True,
     ),
     # X-SAM's PROMPT_TEMPLATE additions for Qwen3 (xsam/xsam/utils/template.py)
-    "qwen3_instruct": ChatFormat(
-        name="qwen3_instruct",
-        system=_QWEN3_SYSTEM,
-        instruction=_QWEN3_INSTRUCTION,
-        suffix="<|im_end|>",
-        suffix_as_eos=True,
-        sep="\n",
-        bos=False,
-    ),
-    "qwen3_wothinking": ChatFormat(
-        name="qwen3_wothinking",
-        system=_QWEN3_SYSTEM,
-        instruction=_QWEN3_INSTRUCTION,
-        suffix="<|im_end|>",
-        suffix_as_eos=True,
-        sep="\n",
-        bos=False,
-        answer_prefix="<think>\n\n</think>\n\n",
-    ),
+    "qwen3_instruct": _QWEN3,
+    # the same, with Qwen3's empty thinking block after the assistant tag
+    "qwen3_wothinking": dataclasses.replace(_QWEN3, name="qwen3_wothinking", answer_prefix="<think>\n\n</think>\n\n"),
 }
 
 

@@ -10,15 +10,13 @@ import hashlib
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from builders import panoptic_sample_record
+from builders import panoptic_sample_record, tiny_record
 from conftest import (
     CORPORA,  # ../shared/corpora, or the shipped copy in examples/corpora
 )
 
-from xsam.data import masks
 from xsam.data.render import (
     Category,
     RenderOptions,
@@ -30,16 +28,7 @@ from xsam.data.render import (
     resolve_mode,
     rng_for,
 )
-from xsam.data.schema import (
-    ChatTurn,
-    Image,
-    Item,
-    Record,
-    Segment,
-    Source,
-    VisualPrompt,
-    make_key,
-)
+from xsam.data.schema import ChatTurn, Item, Record, VisualPrompt
 
 COCO_PANOPTIC = CORPORA / "coco_panoptic"
 PACKAGED = Path(__file__).resolve().parents[3] / "xsam" / "data" / "templates.yaml"
@@ -68,25 +57,6 @@ def templates() -> Templates:
 
 TRAIN = RenderOptions(mode="train")
 EVAL = RenderOptions(mode="eval")
-
-
-def tiny_record(task: str, n_segments: int, split: str = "train", **fields: object) -> Record:
-    """A hand-built 4x6 record with `n_segments` disjoint single-column segments."""
-    h, w = 4, 6
-    segments = []
-    for i in range(n_segments):
-        mask = np.zeros((h, w), bool)
-        mask[:, i] = True
-        segments.append(Segment(id=100 + i, rle=masks.encode(mask), bbox=(float(i), 0.0, 1.0, 4.0), area=4.0))
-    return Record(
-        key=make_key("tiny", split, n_segments),
-        task=task,
-        source=Source(corpus="tiny", split=split, upstream_ids={"image_id": 1}, annotation_file="a.json",
-                      annotation_sha256="0" * 64),
-        image=Image(ext="jpg", sha256="0" * 64, bytes=1, width=w, height=h, file_name="a.jpg"),
-        segments=segments,
-        **fields,
-    )
 
 
 def refseg_record(split: str = "train") -> Record:

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import builders
 from builders import panoptic_sample_record
 from conftest import CORPORA
 
-from xsam.data import masks
 from xsam.data.render import Category, RenderOptions, load_templates, render_record
 from xsam.data.schema import (
     ChatTurn,
-    Image,
     Item,
     Record,
     SegAnswer,
-    Segment,
     Source,
     Span,
     Turn,
@@ -44,21 +41,8 @@ def _source(split: str) -> Source:
 
 
 def tiny_record(task: str, n_segments: int, split: str = "train", **fields: object) -> Record:
-    """A hand-built 4x6 record with `n_segments` disjoint single-column segments."""
-    h, w = 4, 6
-    segments = []
-    for i in range(n_segments):
-        mask = np.zeros((h, w), bool)
-        mask[:, i] = True
-        segments.append(Segment(id=100 + i, rle=masks.encode(mask), bbox=(float(i), 0.0, 1.0, 4.0), area=4.0))
-    return Record(
-        key=make_key("tiny", split, task, n_segments),
-        task=task,
-        source=_source(split),
-        image=Image(ext="jpg", sha256="0" * 64, bytes=1, width=w, height=h, file_name="a.jpg"),
-        segments=segments,
-        **fields,
-    )
+    """`builders.tiny_record`, keyed by task too (several tasks share a split and size here)."""
+    return builders.tiny_record(task, n_segments, split, key=make_key("tiny", split, task, n_segments), **fields)
 
 
 def render_one(record: Record, options: RenderOptions = TRAIN, vocabulary: list[Category] | None = None) -> Item:
