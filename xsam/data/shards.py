@@ -203,19 +203,31 @@ class ShardReader:
                         f" {info.sha256}. Re-run its conversion (`xsam data lint` shows what changed)"
                     )
                 self.cache.mark_verified(local, info.sha256)
-            path = local
+            opened = _OpenShard(local, where)
         else:
-            try:
-                path = self.cache.fetch(self.storage, rel, info.sha256, info.bytes)
-            except ShardError:
-                raise
-            except Exception as exc:  # botocore errors after its retries
-                raise ShardError(f"cannot read shard {where} of source {self.source.name!r}: {exc}") from exc
-        opened = _OpenShard(path, where)
+            opened = self._open_cached(rel, info.sha256, info.bytes, where)
         self._open[k] = opened
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)[1].close()
         return opened
+
+    def _open_cached(self, rel: str, sha256: str, size: int, where: str) -> _OpenShard:
+        """Fetch into the cache and open; another process's eviction may remove the file between
+        the two, so fetch once more before giving up (never a silent skip)."""
+        for attempt in (1, 2):
+            try:
+                return _OpenShard(self.cache.fetch(self.storage, rel, sha256, size), where)
+            except ShardError:
+                raise
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise ShardError(
+                        f"shard {where}: evicted from the cache {self.cache.root} as soon as it was fetched;"
+                        " raise cache_bytes above what the readers of this machine keep open"
+                    ) from None
+            except Exception as exc:  # botocore errors after its retries
+                raise ShardError(f"cannot read shard {where} of source {self.source.name!r}: {exc}") from exc
+        raise AssertionError("unreachable")
 
     def locate(self, k: int, item: int) -> tuple[str, int]:
         """(record key, item index within the record) of the item-th used item of shard k."""
