@@ -42,7 +42,7 @@ from dataprep.quarantine import InputError, QuarantineRow, Rejected
 from dataprep.shard_writer import ShardEntry, canonical_json, tar_overhead, write_shard_file
 from dataprep.shard_writer import sample_json as shard_sample_json
 from xsam.data.storage import Storage
-from xsam.data.render import Category, RenderOptions, load_templates, render_record, text_chars
+from xsam.data.render import RenderOptions, load_templates, render_record, text_chars, vocabulary_from_table
 from xsam.data.schema import SCHEMA_VERSION, ShardSample
 
 DEFAULT_SHARD_MAX_SAMPLES = 1000
@@ -171,10 +171,6 @@ def prepare(converter: Converter, storage: Storage, params: ConvertParams) -> Pr
     return prepared
 
 
-def _vocabulary(categories: list[dict[str, Any]]) -> list[Category]:
-    return [Category(id=c["id"], name=c["name"], isthing=bool(c.get("isthing", True))) for c in categories]
-
-
 def run_unit(
     converter: Converter,
     unit: Unit,
@@ -196,7 +192,7 @@ def run_unit(
 
     options = ConvertOptions(verify=params.verify, max_pixels=params.max_pixels)
     templates = load_templates(params.templates)
-    vocabulary = _vocabulary(categories)
+    vocabulary = vocabulary_from_table(categories)
     entries: list[tuple[ShardEntry, dict[str, Any]]] = []
     quarantine: list[dict[str, str]] = []
     items_total = 0

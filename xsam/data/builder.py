@@ -29,7 +29,7 @@ from pycocotools import mask as mask_utils
 from xsam.data.batch import PackedBatch, Sample, collate
 from xsam.data.loader import RawItem
 from xsam.data.plan import derive_seed
-from xsam.data.render import Category, RenderOptions, Templates, load_templates, render_record
+from xsam.data.render import Category, RenderOptions, Templates, load_templates, render_record, vocabulary_from_table
 from xsam.data.schema import ShardSample
 from xsam.data.transforms import PreprocessConfig, decode_image, seg_window, vision_resized
 from xsam.data.vprompts import rasterise_prompt
@@ -101,10 +101,7 @@ class XSamBuilder:
     def _vocabulary(self, raw: RawItem) -> list[Category] | None:
         cache = self._loaded()["vocabularies"]
         if raw.source.name not in cache:
-            table = raw.source.meta.get("categories") or []
-            cache[raw.source.name] = (
-                [Category(id=c["id"], name=c["name"], isthing=bool(c.get("isthing", True))) for c in table] or None
-            )
+            cache[raw.source.name] = vocabulary_from_table(raw.source.meta.get("categories") or []) or None
         return cache[raw.source.name]
 
     def build(self, raw: RawItem) -> Sample:

@@ -307,6 +307,12 @@ class Category:
     isthing: bool
 
 
+def vocabulary_from_table(categories: Sequence[Mapping[str, Any]]) -> list[Category]:
+    """A dataset's category table (`dataset.json` "categories": id, name, isthing) as the genseg/ovseg
+    vocabulary `render_record` takes; `isthing` defaults to True."""
+    return [Category(id=c["id"], name=c["name"], isthing=bool(c.get("isthing", True))) for c in categories]
+
+
 def rng_for(seed: int, key: str, epoch: int, index: int) -> random.Random:
     """The random source of item `index` of record `key` at `epoch`: a pure function of the four.
 
