@@ -102,6 +102,20 @@ def read_parquet(storage: Storage, rel: str) -> list[dict[str, Any]]:
     return read_parquet_table(storage.get_bytes(rel)).to_pylist()
 
 
+def index_by_shard(storage: Storage, columns: list[str]) -> dict[str, list[tuple[Any, ...]]]:
+    """index.parquet's `columns` per record, grouped by shard name in shard order (rows are
+    written in shard order): what readers need to map a shard's items to its records."""
+    table = read_parquet_table(storage.get_bytes(INDEX))
+    missing = [c for c in columns if c not in table.schema.names]
+    if missing:
+        raise KeyError(f"{storage.describe(INDEX)} has no column(s) {', '.join(missing)}")
+    cols = table.select(["shard", *columns]).to_pydict()
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for shard, *values in zip(cols["shard"], *(cols[c] for c in columns), strict=True):
+        out.setdefault(shard, []).append(tuple(values))
+    return out
+
+
 def dataset_json_bytes(meta: dict[str, Any]) -> bytes:
     return (json.dumps(meta, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from xsam.data.manifest import DATASET, INDEX, MANIFEST, read_parquet_table, require_complete
+from xsam.data.manifest import DATASET, INDEX, MANIFEST, index_by_shard, read_parquet_table, require_complete
 from xsam.data.mixture import MixtureError, MixtureSpec, SourceSpec, epoch_counts
 from xsam.data.storage import Storage, open_storage
 
@@ -132,10 +132,7 @@ def open_source(spec: SourceSpec, storage: Storage | None = None) -> SourceInfo:
 def _select_splits(storage: Storage, shards: list[ShardInfo], mixed: list[int], wanted: set[str]) -> list[ShardInfo]:
     """Item ordinals of the wanted splits in shards that hold several splits, from index.parquet
     (read only here: a split filter on a dataset whose shards straddle splits)."""
-    cols = read_parquet_table(storage.get_bytes(INDEX)).select(["shard", "split", "items"]).to_pydict()
-    rows: dict[str, list[tuple[str, int]]] = {}
-    for shard, split, n in zip(cols["shard"], cols["split"], cols["items"], strict=True):
-        rows.setdefault(shard, []).append((split, n))
+    rows = index_by_shard(storage, ["split", "items"])
     out = list(shards)
     for k in mixed:
         info, select, at = shards[k], [], 0
@@ -413,16 +410,14 @@ class PlanCache:
 def _source_lengths(source: SourceInfo) -> tuple[np.ndarray, np.ndarray]:
     """Per used item of every shard, its record's `text_chars`: (flat lengths, offset per shard)."""
     storage = open_storage(source.spec.path)
-    table = read_parquet_table(storage.get_bytes(INDEX))
-    if "text_chars" not in table.schema.names:
+    try:
+        rows = index_by_shard(storage, ["items", "text_chars"])
+    except KeyError:
         raise MixtureError(
             f"source {source.name!r}: {storage.describe(INDEX)} has no text_chars column (converted before"
             " layout 2). Re-run its conversion, or set batching.group_by_length: false"
-        )
-    cols = table.select(["shard", "items", "text_chars"]).to_pydict()
-    per_shard: dict[str, list[int]] = {}
-    for shard, n, chars in zip(cols["shard"], cols["items"], cols["text_chars"], strict=True):
-        per_shard.setdefault(shard, []).extend([chars] * n)
+        ) from None
+    per_shard = {shard: [chars for n, chars in records for _ in range(n)] for shard, records in rows.items()}
     flat, offsets = [], [0]
     for info in source.shards:
         lens = per_shard.get(info.name, [])

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from xsam.data.manifest import INDEX, SHARDS_DIR, read_parquet_table
+from xsam.data.manifest import SHARDS_DIR, index_by_shard
 from xsam.data.plan import SourceInfo
 from xsam.data.storage import CHUNK, Storage, open_storage
 
@@ -246,11 +246,7 @@ class ShardReader:
         """Per shard, (record key, items) in shard order, from index.parquet (read once, lazily:
         only sources whose records render several items, i.e. evaluation splits, need it)."""
         if self._items_by_shard is None:
-            cols = read_parquet_table(self.storage.get_bytes(INDEX)).select(["key", "shard", "items"]).to_pydict()
-            out: dict[str, list[tuple[str, int]]] = {}
-            for key, shard, n in zip(cols["key"], cols["shard"], cols["items"], strict=True):
-                out.setdefault(shard, []).append((key, n))
-            self._items_by_shard = out
+            self._items_by_shard = index_by_shard(self.storage, ["key", "items"])
         return self._items_by_shard
 
     def read(self, k: int, key: str, ext: str) -> bytes:
