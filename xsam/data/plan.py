@@ -235,13 +235,12 @@ class SourceOrder:
         return shards, items
 
     def locate(self, position: int) -> ItemRef:
-        p, q = divmod(int(position), self.total)
-        w, off = divmod(q, self.window)
-        u = w * self.window + int(self._window_perm(p, w)[off])  # index in the shard-order stream
-        order, ends = self._pass(p)
-        k = int(np.searchsorted(ends, u, side="right"))
-        start = int(ends[k - 1]) if k else 0
-        return ItemRef(source=self.index, shard=int(order[k]), item=u - start, pass_=p, position=int(position))
+        """Where the item at one stream position lives (`locate_many` for one position)."""
+        shards, items = self.locate_many(np.array([position], dtype=np.int64))
+        return ItemRef(
+            source=self.index, shard=int(shards[0]), item=int(items[0]), pass_=int(position) // self.total,
+            position=int(position),
+        )
 
 
 # ------------------------------------------------------------------------------------ epoch plan
