@@ -110,8 +110,7 @@ class _RankEpoch(torch.utils.data.Dataset):
     def __init__(
         self,
         *,
-        spec: MixtureSpec,
-        sources: list[SourceInfo],
+        plans: PlanCache,
         layout: RankLayout,
         epoch: int,
         start: int,
@@ -119,36 +118,23 @@ class _RankEpoch(torch.utils.data.Dataset):
         builder: ItemBuilder,
         cache: ShardCache,
         max_consecutive_bad: int,
-        plans: PlanCache,
     ) -> None:
-        self.spec, self.sources, self.layout = spec, sources, layout
+        self.plans, self.sources, self.layout = plans, plans.sources, layout
         self.epoch, self.start, self.micro = epoch, start, micro
-        self.builder, self.cache, self.max_bad = builder, cache, max_consecutive_bad
+        self.builder, self.max_bad = builder, max_consecutive_bad
         self.total = layout.per_rank * plans.epoch(epoch).global_batches
         # boundaries: the rest of a micro-batch a restore landed in, then whole micro-batches
         first = min(self.total, -(-start // micro) * micro) if start % micro else start
         self.bounds = ([start] if first > start else []) + list(range(first, self.total, micro)) + [self.total]
-        self._plans: PlanCache | None = plans  # forked workers inherit it; pickled ones rebuild it
-        self._readers: list[ShardReader] | None = None
+        # readers open files lazily, per process (they pickle without them)
+        self.readers = [ShardReader(s, cache) for s in self.sources]
         self._consecutive: deque[tuple[str, str, str]] = deque(maxlen=max_consecutive_bad)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_plans"] = state["_readers"] = None  # rebuilt in the worker
-        return state
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
 
-    def _setup(self) -> tuple[PlanCache, list[ShardReader]]:
-        if self._plans is None:
-            self._plans = PlanCache(self.spec, self.sources)
-        if self._readers is None:
-            self._readers = [ShardReader(s, self.cache) for s in self.sources]
-        return self._plans, self._readers
-
     def __getitem__(self, i: int) -> _Envelope:
-        plans, readers = self._setup()
+        plans, readers = self.plans, self.readers
         plan = plans.epoch(self.epoch)
         lo, hi = self.bounds[i], self.bounds[i + 1]
         samples, names, bad, truncated = [], [], [], 0
@@ -283,8 +269,7 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[Any]:
         dataset = _RankEpoch(
-            spec=self.spec,
-            sources=self.sources,
+            plans=self._plans,
             layout=self.layout,
             epoch=self.epoch,
             start=self.position,
@@ -292,7 +277,6 @@ class StreamLoader:
             builder=self.builder,
             cache=self.cache,
             max_consecutive_bad=self.max_consecutive_bad,
-            plans=self._plans,
         )
         prepare = getattr(self.builder, "prepare", None)
         if prepare is not None:
