@@ -295,6 +295,13 @@ class StreamLoader:
                 self.spec.batching.global_batch_size,
                 ", ".join(f"{name} {n}" for name, n in stats.items.items()), stats.padded, stats.dropped,
             )
+        try:
+            yield from self._consume(loader, dataset)
+        finally:  # files this process opened (num_workers=0); workers' close when they exit
+            for reader in dataset.readers:
+                reader.close()
+
+    def _consume(self, loader: torch.utils.data.DataLoader, dataset: _RankEpoch) -> Iterator[Any]:
         for env in loader:
             self.position = env.stop
             self.counters.samples.update(env.sources)
