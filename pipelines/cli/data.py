@@ -11,30 +11,21 @@ from typing import Optional
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from dataprep.convert import DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES, ConvertParams
 from dataprep.converters import CONVERTERS
 from dataprep.imagecheck import DEFAULT_MAX_PIXELS
 from dataprep.quarantine import InputError
 from pipelines.cli import stream as stream_cli
+from pipelines.cli.output import err_console, fail, out_console
 from xsam.data.storage import open_storage
 
 app = typer.Typer(help="Convert corpora into WebDataset shards; inspect the datasets.", no_args_is_help=True)
-err_console = Console(stderr=True)
-out_console = Console()
 
 
 app.command("mix")(stream_cli.mix)
 app.command("stream")(stream_cli.stream)
-
-
-def fail(message: str, code: int = 2) -> None:
-    # soft_wrap: never cut a path in the middle; Text: a path with [brackets] is not markup
-    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.command("convert")

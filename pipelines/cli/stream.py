@@ -13,19 +13,12 @@ from typing import Optional
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
-from rich.text import Text
+
+from pipelines.cli.output import err_console, fail, out_console
 
 _SIZING = {"weight": "weights", "repeat": "repeat: sqrt", "repetitions": "repetitions"}
-err_console = Console(stderr=True)
-out_console = Console()
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _open(mixture: Path):
@@ -36,9 +29,9 @@ def _open(mixture: Path):
         spec = load_mixture(mixture)
         return spec, open_sources(spec)
     except MixtureError as err:
-        _fail(str(err))
+        fail(str(err))
     except Exception as err:  # unreadable source (S3 auth, permissions): name it
-        _fail(f"cannot read a source of {mixture}: {type(err).__name__}: {err}")
+        fail(f"cannot read a source of {mixture}: {type(err).__name__}: {err}")
     raise AssertionError("unreachable")
 
 
@@ -62,7 +55,7 @@ def mix(
     try:
         summary = plan_summary(spec, sources, epoch)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     summary["verified_shards"] = None
     if not dry_run:
         cache = ShardCache(cache_dir)
@@ -77,7 +70,7 @@ def mix(
                         reader.shard(k)
                         progress.advance(bar)
                 except ShardError as err:
-                    _fail(str(err), code=1)
+                    fail(str(err), code=1)
                 finally:
                     reader.close()
         summary["verified_shards"] = total
@@ -132,11 +125,11 @@ def stream(
     from xsam.data.shards import ShardError
 
     if (state_out is None) != (after is None):
-        _fail("--state-out and --after go together: --state-out FILE --after N")
+        fail("--state-out and --after go together: --state-out FILE --after N")
     if after is not None and after < 0 or limit is not None and limit < 0:
-        _fail("--after and --limit must be >= 0")
+        fail("--after and --limit must be >= 0")
     if state_out is not None and micro_batch_size != 1:
-        _fail("--state-out records the state after single items: use it with --micro-batch-size 1")
+        fail("--state-out records the state after single items: use it with --micro-batch-size 1")
     spec, sources = _open(mixture)
     try:
         loader = StreamLoader(
@@ -147,12 +140,12 @@ def stream(
             try:
                 state = json.loads(state_in.read_text())
             except (OSError, json.JSONDecodeError) as err:
-                _fail(f"cannot read loader state {state_in}: {err}")
+                fail(f"cannot read loader state {state_in}: {err}")
             loader.load_state_dict(state)
         if epoch is not None:
             loader.set_epoch(epoch)
     except (ValueError, StateError) as err:
-        _fail(str(err))
+        fail(str(err))
     printed = 0
     start_epoch = loader.epoch
     out = sys.stdout
@@ -168,7 +161,7 @@ def stream(
             if limit is None and loader.epoch != start_epoch:
                 break
             if len(loader) == 0 and loader.items_per_epoch() == 0:
-                _fail(f"epoch {loader.epoch} of {mixture} plans no items (remainder: drop with too few items?)")
+                fail(f"epoch {loader.epoch} of {mixture} plans no items (remainder: drop with too few items?)")
             for batch in loader:
                 for source, key in batch:
                     out.write(f"{source}\t{key}\n")
@@ -177,7 +170,7 @@ def stream(
                 if limit is not None and printed >= limit:
                     break
     except ShardError as err:
-        _fail(str(err), code=1)
+        fail(str(err), code=1)
     except BrokenPipeError:  # `| head`: the reader is gone
         sys.stderr.close()
         return
