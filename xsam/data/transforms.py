@@ -122,27 +122,9 @@ class Geometry:
         return MaskStack(bits=np.packbits(masks, axis=2), width=masks.shape[2], rows=rows, cols=cols, seg_size=self.seg_size)
 
     def masks(self, masks: np.ndarray) -> torch.Tensor:
-        """[N, H, W] bool masks at the original size -> [N, S, S] bool, aligned with the seg input.
-
-        Nearest sampling at pixel centres, computed only inside the crop window (a gather with
-        per-axis source indices, one call per axis for all N masks); False in the padding.
-        """
-        masks = np.asarray(masks, dtype=bool)
-        if masks.ndim != 3 or masks.shape[1:] != self.original_size:
-            h, w = self.original_size
-            raise ValueError(f"masks must be [N, {h}, {w}] (the original image size), got {masks.shape}")
-        h = self.original_size[0]
-        _, _, ch, cw = self.crop
-        rows, cols = self.source_indices()
-        out = np.zeros((masks.shape[0], self.seg_size, self.seg_size), dtype=bool)
-        window = out[:, :ch, :cw]
-        # The column gather is element-wise (the row gather copies whole rows): run it on the fewer
-        # rows. mode="clip" (indices are in range anyway) lets np.take write into `out` unbuffered.
-        if h < ch:
-            np.take(np.take(masks, cols, axis=2), rows, axis=1, out=window, mode="clip")
-        else:
-            np.take(np.take(masks, rows, axis=1), cols, axis=2, out=window, mode="clip")
-        return torch.from_numpy(out)
+        """[N, H, W] bool masks at the original size -> [N, S, S] bool, aligned with the seg input:
+        nearest sampling at pixel centres, False in the padding (`pack(masks).dense()`)."""
+        return self.pack(masks).dense()
 
     def valid(self) -> torch.Tensor:
         """[S, S] bool, True inside scaled_size (the image), False in the padding."""
@@ -182,7 +164,7 @@ class MaskStack:
     """N binary masks on the seg canvas, stored compactly: bit-packed at the image's original
     resolution (`np.packbits` along the width) with the per-axis source indices of the canvas
     window (`Geometry.source_indices`). `dense(device)` makes the [N, S, S] bool tensor there,
-    bit-identical to `Geometry.masks`. numpy, not torch: a dataloader worker hands numpy arrays to
+    the same as `Geometry.masks`. numpy, not torch: a dataloader worker hands numpy arrays to
     the main process by value through its pipe, where each torch tensor would cost a
     shared-memory segment of its own."""
 
