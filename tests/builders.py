@@ -229,3 +229,58 @@ def tiny_record(task: str, n_segments: int, split: str = "train", *, key: str | 
         segments=segments,
         **fields,
     )
+
+
+# One example dataset per task, for model tests: {name: dataset folder}.
+TASK_EXAMPLES = {
+    "refcoco": "refseg",
+    "reasonseg": "reaseg",
+    "coco-vgd": "vgdseg",
+    "coco-interactive": "intseg",
+    "gcg-grandf": "gcgseg",
+    "llava": "chat",
+}
+
+
+def build_task_world(corpora: Path, root: Path) -> dict[str, Path]:
+    """Convert the example corpora (one per task, plus COCO instances for genseg) and build the tiny
+    tokenizer; {name: folder}, with "tokenizer" the tokenizer folder."""
+    from dataprep.convert import ConvertParams
+    from dataprep.examples import make_examples
+    from xsam.text import build_tiny_tokenizer
+
+    out = {"tokenizer": build_tiny_tokenizer(root / "tokenizer")}
+    found = make_examples(corpora, root / "examples")
+    for name in TASK_EXAMPLES:
+        inputs = dict(found[name])
+        if name == "coco-vgd":
+            inputs["split"] = "train2017"
+        out[name] = convert_local(_corpus(name), root / name, inputs, ConvertParams())
+    inst = build_instances(corpora, root / "in-inst", 4, sample="rle", split="train2017")
+    out["coco-instances"] = convert_local("coco-instances", root / "coco-instances", inst, ConvertParams())
+    return out
+
+
+def _corpus(name: str) -> str:
+    from dataprep.examples import corpus_of
+
+    return corpus_of(name)
+
+
+def task_batches(world: dict[str, Path], name: str, *, preprocess, batch_size: int = 2, seed: int = 0,
+                 splits: list[str] | None = None, render=None, max_length: int = 2048) -> list:
+    """Dense `Batch`es of one example dataset, through the real loader (source-grouped, one pass)."""
+    from xsam.data.builder import XSamBuilder
+    from xsam.data.loader import StreamLoader
+    from xsam.data.mixture import parse_mixture
+
+    source = {"name": name, "path": str(world[name]), "repetitions": 1}
+    if splits:
+        source["splits"] = splits
+    spec = parse_mixture({"seed": seed, "batching": {"mode": "source_grouped", "global_batch_size": batch_size,
+                                                     "remainder": "pad"}, "sources": [source]})
+    kw = {} if render is None else {"render": render}
+    builder = XSamBuilder(tokenizer=world["tokenizer"], preprocess=preprocess, seed=seed, micro_batch_size=batch_size,
+                          max_length=max_length, **kw)
+    loader = StreamLoader(spec, builder=builder, cache_dir=world["tokenizer"].parent / "cache")
+    return [p.to("cpu") for p in loader]

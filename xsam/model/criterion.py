@@ -116,6 +116,7 @@ class SegCriterion(nn.Module):
         layers: Sequence[LayerPrediction],
         targets: Sequence[InstanceTarget],
         generator: torch.Generator | None = None,
+        num_masks: float | None = None,
     ) -> dict[str, Tensor]:
         """Losses of all decoder layers; each layer is matched to the targets on its own.
 
@@ -124,6 +125,9 @@ class SegCriterion(nn.Module):
                 others are auxiliary.
             targets: one entry per instance (the N of `LayerPrediction`).
             generator: source of all random points (on the logits' device), for reproducibility.
+            num_masks: the mask-loss normaliser. Default: this batch's target count; a data-parallel
+                trainer passes the count averaged over ranks, as Mask2Former all-reduces it, so a
+                rank with few masks does not weigh each of them more.
 
         Returns:
             Unweighted `loss_ce`, `loss_mask`, `loss_dice` of the last layer, `loss_ce_{i}`,
@@ -132,7 +136,9 @@ class SegCriterion(nn.Module):
         """
         if not layers:
             raise ValueError("SegCriterion: no decoder layer outputs were given")
-        num_masks = max(sum(t.classes.numel() for t in targets), 1)
+        if num_masks is None:
+            num_masks = sum(t.classes.numel() for t in targets)
+        num_masks = max(float(num_masks), 1.0)
         # Every layer samples the same targets: convert them to float once, not per layer.
         dense = [InstanceTarget(masks=t.masks.float(), classes=t.classes, ignore=t.ignore) for t in targets]
         losses: dict[str, Tensor] = {}
@@ -151,7 +157,7 @@ class SegCriterion(nn.Module):
         self,
         layer: LayerPrediction,
         targets: Sequence[InstanceTarget],
-        num_masks: int,
+        num_masks: float,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(CE, BCE, Dice) of one layer, the mask terms divided by `num_masks`."""
@@ -197,7 +203,7 @@ class SegCriterion(nn.Module):
         preds: Tensor,
         masks: Tensor,
         ignore: Sequence[tuple[Tensor | None, int]],
-        num_masks: int,
+        num_masks: float,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor]:
         """Point-sampled BCE and Dice of matched pairs: `preds` [M, h, w] logits, `masks` [M, H, W].
