@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # A single-machine Ray binds to 127.0.0.1 instead of the host's address (read when ray is imported).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# The tiny tokenizer that tiny model configs build on demand goes to a per-session folder, not ~/.cache.
+os.environ.setdefault("XSAM_CACHE", tempfile.mkdtemp(prefix="xsam-cache-"))
 
 
 def free_port() -> int:
@@ -121,3 +124,12 @@ def panoptic(ray_session, corpora, tmp_path_factory) -> Path:
 
     inputs = panoptic_inputs(corpora / "coco_panoptic")
     return convert_once(tmp_path_factory, "coco-panoptic", "coco-panoptic", inputs, ConvertParams())
+
+
+@pytest.fixture(scope="session")
+def task_world(corpora, tmp_path_factory) -> dict[str, Path]:
+    """One converted example dataset per task (+ COCO instances for genseg) and the tiny tokenizer,
+    for model tests (no Ray: converted in this process)."""
+    from builders import build_task_world
+
+    return build_task_world(corpora, tmp_path_factory.mktemp("task-world"))

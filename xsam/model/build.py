@@ -104,13 +104,15 @@ def build_xsam(
     stage: str = "stage3",
     pretrained: bool = True,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    resize_embeddings: bool = True,
 ) -> XSam:
     """The model of `stage`, parts from their pretrained directories (or random when `pretrained`
     is False or a part names none). `tokenizer` (default `tokenizer_for(config)`) sizes the LLM's
-    embeddings; on the meta device pass one explicitly or accept the config's vocabulary size."""
+    embeddings; `resize_embeddings=False` keeps the config's vocabulary size instead (a meta-device
+    summary without the tokenizer at hand)."""
     recipe = config.stage(stage)
     parts = set(recipe.components)
-    if "llm" in parts and tokenizer is None:
+    if "llm" in parts and tokenizer is None and resize_embeddings:
         tokenizer = tokenizer_for(config)
     vision = _vision(config, pretrained) if "vision_encoder" in parts else None
     sam = _seg_encoder(config, pretrained) if "seg_encoder" in parts else None
@@ -170,9 +172,15 @@ def build_xsam(
 
 
 def apply_stage(model: XSam, stage: StagePart) -> None:
-    """`requires_grad` True on the parts `stage` trains, False elsewhere (frozen parts get no grads)."""
+    """`requires_grad` True on the parts `stage` trains, False elsewhere (frozen parts get no grads).
+    Encoder parameters that never reach X-SAM's selected hidden states (SigLIP's last block, post-
+    layernorm and head; SAM's neck) are always frozen: they could not get a gradient."""
     for name, part in model.parts().items():
         part.requires_grad_(stage.is_trainable(name))
+    for encoder in (model.vision_encoder, model.seg_encoder):
+        if encoder is not None:
+            for p in encoder.unused_parameters():
+                p.requires_grad_(False)
 
 
 def param_groups(model: XSam, stage: StagePart, *, lr: float, weight_decay: float) -> list[dict[str, Any]]:

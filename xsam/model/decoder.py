@@ -156,6 +156,12 @@ class MaskDecoder(nn.Module):
         self.feature_channels = tuple(feature_channels)
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(feature_channels))
         self.transformer_module = Mask2FormerTransformerModule(in_features=config.feature_size, config=config)
+        # transformers makes `level_embed` with the legacy `torch.Tensor(...)` constructor, which ignores
+        # a `torch.device(...)` context: put it where every other parameter is (the meta device for a summary)
+        embed = self.pixel_decoder.level_embed
+        device = self.pixel_decoder.input_projections[0][0].weight.device
+        if embed.device != device:
+            self.pixel_decoder.level_embed = nn.Parameter(torch.empty(embed.shape, dtype=embed.dtype, device=device))
         self.apply(partial(_init_weights, init_std=config.init_std, init_xavier_std=config.init_xavier_std))
 
     def forward(

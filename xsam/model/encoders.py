@@ -84,6 +84,20 @@ class VisionEncoder(nn.Module):
         """Token width (1152 for so400m): `visual_projector`'s input width."""
         return self.model.config.hidden_size
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters that never reach the selected hidden state: the blocks after it, the
+        post-layernorm and the pooling head. Training freezes them (they would get no gradient,
+        which data-parallel wrappers treat as an error); they stay in the state dict so
+        checkpoints load unchanged."""
+        layers = self.model.config.num_hidden_layers
+        first_unused = self.select_layer % (layers + 1)  # hidden_states[i] is block i's output
+        vision = getattr(self.model, "vision_model", self.model)  # transformers 5 flattened the wrapper
+        unused = [p for layer in vision.encoder.layers[first_unused:] for p in layer.parameters()]
+        unused += list(vision.post_layernorm.parameters())
+        if getattr(vision, "head", None) is not None:
+            unused += list(vision.head.parameters())
+        return unused
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         """pixel_values [B, 3, V, V] -> tokens [B, (V/patch)², C] (729 x 1152 at 384 px for so400m)."""
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
@@ -137,6 +151,14 @@ class SegEncoder(nn.Module):
     def hidden_size(self) -> int:
         """Channel width of the hidden states (1024 for ViT-L)."""
         return self.model.config.hidden_size
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters X-SAM never reads: SAM's neck (and any block after the last selected layer).
+        Frozen in training, kept in the state dict (see `VisionEncoder.unused_parameters`)."""
+        last = max(max(self.select_layers), self.model.config.num_hidden_layers - 1)
+        sam = self.model.vision_encoder
+        unused = [p for layer in sam.layers[last:] for p in layer.parameters()]
+        return unused + list(sam.neck.parameters())
 
     def forward(self, pixel_values: Tensor) -> SegEncoderOutput:
         """pixel_values [B, 3, S, S] -> states [B, S/16, S/16, C] (64x64x1024 at 1024 px for ViT-L)."""

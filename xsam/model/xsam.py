@@ -200,7 +200,10 @@ class XSam(nn.Module):
         elif self.decoder is not None and compute_loss:
             # No <SEG> in this batch (chat): the segmentation branch still joins the graph with a zero
             # term, so every rank reduces the same set of gradients (DDP / ZeRO need no special case).
-            losses["loss_seg"] = self._zero_touch(self.seg_connector, self.decoder, self.class_head, self.llm_projector)
+            zero = self._zero_touch(self.seg_connector, self.decoder, self.class_head, self.llm_projector)
+            if sam is not None:  # SAM's last selected blocks feed only the decoder
+                zero = zero + sum(state.sum() * 0.0 for state in sam.pyramid_states)
+            losses["loss_seg"] = zero
 
         if compute_loss:
             total = torch.zeros((), device=batch.input_ids.device)
