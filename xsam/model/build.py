@@ -95,7 +95,10 @@ def _seg_encoder(config: XSamConfig, pretrained: bool) -> SegEncoder:
     part = config.seg_encoder
     if pretrained and part.pretrained:
         return SegEncoder.from_pretrained(part.pretrained, select_layers=part.select_layers)
-    return SegEncoder.from_config(SamVisionConfig(**part.config), select_layers=part.select_layers)
+    # transformers' SamVisionConfig defaults to initializer_range=1e-10 (its weights are always loaded),
+    # which makes a randomly initialised encoder output ~0 for every image; use the usual 0.02 unless set
+    values = {"initializer_range": 0.02, **part.config}
+    return SegEncoder.from_config(SamVisionConfig(**values), select_layers=part.select_layers)
 
 
 def build_xsam(
@@ -140,7 +143,7 @@ def build_xsam(
         c = config.connector
         connector = SegConnector(
             in_channels=sam.hidden_size, hidden_dim=c.hidden_dim, scale_factors=c.scale_factors,
-            base_channels=c.base_channels or sam.hidden_size,
+            base_channels=c.base_channels or sam.hidden_size, bias=c.bias,
         )
     if "decoder" in parts:
         assert connector is not None

@@ -94,6 +94,7 @@ class ConnectorPart(_Strict):
     hidden_dim: int = Field(default=512, ge=1)
     scale_factors: tuple[float, float, float] = (2.0, 1.0, 0.5)
     base_channels: int | None = Field(default=None, description="default: the SAM hidden width (X-SAM)")
+    bias: bool = Field(default=False, description="conv biases (X-SAM: none; each conv is followed by a LayerNorm)")
 
 
 class DecoderPart(_Strict):

@@ -106,15 +106,15 @@ class SegTokenProjector(nn.Module):
 class _ConnectorLevel(nn.Module):
     """One pyramid level: 1x1 conv + LN, 3x3 conv + LN, 1x1 conv to base*s + LN, pixel-shuffle by s."""
 
-    def __init__(self, *, in_channels: int, hidden_dim: int, conv_channels: int, scale: float) -> None:
+    def __init__(self, *, in_channels: int, hidden_dim: int, conv_channels: int, scale: float, bias: bool) -> None:
         super().__init__()
         self.scale = scale
         self.block = nn.Sequential(
-            nn.Conv2d(in_channels, hidden_dim, kernel_size=1),
+            nn.Conv2d(in_channels, hidden_dim, kernel_size=1, bias=bias),
             SamLayerNorm(hidden_dim, data_format="channels_first"),
-            nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1),
+            nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1, bias=bias),
             SamLayerNorm(hidden_dim, data_format="channels_first"),
-            nn.Conv2d(hidden_dim, conv_channels, kernel_size=1),
+            nn.Conv2d(hidden_dim, conv_channels, kernel_size=1, bias=bias),
             SamLayerNorm(conv_channels, data_format="channels_first"),
         )
 
@@ -141,6 +141,8 @@ class SegConnector(nn.Module):
             its inputs in that order); each must give whole channel counts and grid sizes.
         base_channels: channels before resampling at scale 1. X-SAM uses the SAM width here
             (`int(in_channels * scale_factor)`); a separate knob lets tiny test models differ.
+        bias: conv biases. X-SAM's `ConnectorConfig(bias=False)` is never overridden (every conv is
+            followed by a LayerNorm, which makes a bias redundant), so False is the paper's layout.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class SegConnector(nn.Module):
         hidden_dim: int = 512,
         scale_factors: Sequence[float] = (2.0, 1.0, 0.5),
         base_channels: int = 1024,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if not scale_factors:
@@ -164,7 +167,7 @@ class SegConnector(nn.Module):
             _exact_int(c / s**2, f"conv channels {c} / scale² {s**2}") for c, s in zip(conv_channels, scale_factors)
         )
         self.levels = nn.ModuleList(
-            _ConnectorLevel(in_channels=in_channels, hidden_dim=hidden_dim, conv_channels=c, scale=s)
+            _ConnectorLevel(in_channels=in_channels, hidden_dim=hidden_dim, conv_channels=c, scale=s, bias=bias)
             for c, s in zip(conv_channels, self.scale_factors)
         )
 

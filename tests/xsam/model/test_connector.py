@@ -62,14 +62,18 @@ def test_paper_size_shapes_on_meta() -> None:
 
 
 def test_paper_size_parameter_count_by_hand() -> None:
+    """X-SAM's connector convs have no bias (`ConnectorConfig(bias=False)`); LayerNorms have weight + bias."""
     with torch.device("meta"):
         connector = SegConnector(in_channels=1024)
+        with_bias = SegConnector(in_channels=1024, bias=True)
     # per level: conv1x1 1024->512 + LN(512), conv3x3 512->512 + LN(512)
-    shared = (1024 * 512 + 512) + 2 * 512 + (512 * 512 * 9 + 512) + 2 * 512
-    # then conv1x1 512 -> 1024*s with bias + LN(1024*s): 2048, 1024, 512 channels for s = 2, 1, 0.5
-    last = sum(512 * c + c + 2 * c for c in (2048, 1024, 512))
-    assert 3 * shared + last == 10_505_728
+    shared = 1024 * 512 + 2 * 512 + 512 * 512 * 9 + 2 * 512
+    # then conv1x1 512 -> 1024*s + LN(1024*s): 2048, 1024, 512 channels for s = 2, 1, 0.5
+    last = sum(512 * c + 2 * c for c in (2048, 1024, 512))
+    assert 3 * shared + last == 10_499_072
     assert sum(p.numel() for p in connector.parameters()) == 3 * shared + last
+    biases = 3 * (512 + 512) + (2048 + 1024 + 512)
+    assert sum(p.numel() for p in with_bias.parameters()) == 3 * shared + last + biases
 
 
 def test_tiny_connector_shapes_and_backward() -> None:

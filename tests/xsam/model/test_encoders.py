@@ -45,6 +45,7 @@ def tiny_sam_config() -> SamVisionConfig:
         image_size=128,
         patch_size=16,
         output_channels=32,
+        initializer_range=0.02,  # the config's default 1e-10 makes a random encoder output ~0
     )
 
 
