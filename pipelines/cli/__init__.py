@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.cli import data
+from pipelines.cli import data, model
 
 app = typer.Typer(
     name="xsam",
@@ -13,6 +13,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data.app, name="data")
+app.add_typer(model.app, name="model")
+app.command("predict")(model.predict)
+app.command("import-official")(model.import_official)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,7 @@ from xsam.data.batch import PackedBatch, Sample, collate
 from xsam.data.loader import RawItem
 from xsam.data.plan import derive_seed
 from xsam.data.render import Category, RenderOptions, Templates, load_templates, render_record, vocabulary_from_table
-from xsam.data.schema import ShardSample
+from xsam.data.schema import Item, Record, ShardSample
 from xsam.data.transforms import PreprocessConfig, decode_image, seg_window, vision_resized
 from xsam.data.vprompts import rasterise_prompt
 from xsam.text.chat import get_chat_format
@@ -114,7 +114,18 @@ class XSamBuilder:
         )
         if raw.item_index >= len(items):
             raise ValueError(f"{raw.key}: the record renders {len(items)} items, not {raw.item_index + 1}")
-        item = items[raw.item_index]
+        image = raw.member(record.image.ext) if record.image is not None else None
+        return self.build_item(record, items[raw.item_index], image, source=raw.source.name, key=raw.key,
+                               pass_=raw.ref.pass_)
+
+    def build_item(
+        self, record: Record, item: Item, image_bytes: bytes | None, *, source: str, key: str | None = None,
+        pass_: int = 0,
+    ) -> Sample:
+        """The `Sample` of one rendered item of `record` whose image file holds `image_bytes`
+        (None for a text-only record): `build` for shard items, `xsam predict` for a user's image."""
+        st = self._loaded()
+        key = key or item.key
         text = encode_item(item, st["tokenizer"], st["chat"], max_length=self.max_length, truncation=self.truncation)
         spans, segs = item.spans[: text.spans_kept], item.segs[: text.segs_kept]
 
@@ -124,8 +135,10 @@ class XSamBuilder:
         mask_segs: list[int] = []
         region_slots: list[int] = []
         if record.image is not None:
-            image = decode_image(raw.member(record.image.ext), name=f"{raw.source.name}:{raw.key}")
-            rng = random.Random(derive_seed(self.seed, "augment", raw.key, raw.ref.pass_)) if cfg.lsj else None
+            if image_bytes is None:
+                raise ValueError(f"{source}:{key}: the record has an image but no image bytes were given")
+            image = decode_image(image_bytes, name=f"{source}:{key}")
+            rng = random.Random(derive_seed(self.seed, "augment", key, pass_)) if cfg.lsj else None
             image_u8 = vision_resized(image, cfg)
             window, geometry = seg_window(image, cfg, rng)
             h, w = image.shape[:2]
@@ -145,8 +158,8 @@ class XSamBuilder:
             regions = geometry.pack(np.stack(prompts).astype(bool) if prompts else np.zeros((0, h, w), bool))
             region_slots = [k for k, _ in own]
         return Sample(
-            key=raw.key,
-            source=raw.source.name,
+            key=key,
+            source=source,
             task=record.task,
             input_ids=np.asarray(text.input_ids, dtype=np.int64),
             labels=np.asarray(text.labels, dtype=np.int64),

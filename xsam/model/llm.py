@@ -237,6 +237,8 @@ def resize_for_added_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     if any(i is None or i >= size or i == tokenizer.unk_token_id for i in added):
         raise ValueError(f"tokenizer lacks {ADDED_TOKENS}: call xsam.text.add_special_tokens(tokenizer) first")
     model.resize_token_embeddings(size, mean_resizing=False)
+    if model.get_input_embeddings().weight.is_meta:  # a parameter count: shapes only, no values to set
+        return
     base = torch.ones(size, dtype=torch.bool)
     base[added] = False
     layers = [model.get_input_embeddings().weight]
