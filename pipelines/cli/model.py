@@ -63,9 +63,9 @@ def summary(
                                resize_embeddings=tokenizer is not None)
         per_stage[name] = count_parameters(model)
     parts: dict[str, int] = {}
-    for counts in per_stage.values():
+    for counts in per_stage.values():  # the largest build of each part (class_head: stage 1's linear head)
         for part, c in counts.items():
-            parts.setdefault(part, c["total"])
+            parts[part] = max(parts.get(part, 0), c["total"])
     note = None if tokenizer is not None else (
         "the tokenizer folder is not here: the LLM keeps the config's vocab_size (the real model resizes it to "
         "len(tokenizer) + 3 added tokens)"
@@ -73,6 +73,7 @@ def summary(
     doc = {
         "config": str(config), "name": cfg.name,
         "parts": {p: {"total": t, "trainable": {s: per_stage[s].get(p, {}).get("trainable", 0) for s in per_stage},
+                      "total_per_stage": {s: per_stage[s][p]["total"] for s in per_stage if p in per_stage[s]},
                       "built_in": [s for s in per_stage if p in per_stage[s]]} for p, t in parts.items()},
         "stages": {s: {"total": sum(c["total"] for c in per_stage[s].values()),
                        "trainable": sum(c["trainable"] for c in per_stage[s].values())} for s in per_stage},
