@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORPORA := examples/corpora
 QS := data/quickstart
+QSRUNS := runs/quickstart
 
 .PHONY: install quickstart test test-fast bench bench-loader clean-quickstart
 
@@ -35,6 +36,11 @@ quickstart: install
 	$(VENV)/bin/xsam data info $(QS)/*/
 	$(VENV)/bin/xsam data mix examples/mixtures/stage3-quickstart.yaml
 	$(VENV)/bin/xsam data stream examples/mixtures/stage3-quickstart.yaml --world-size 2 --rank 0 --workers 2 --limit 8
+	$(VENV)/bin/xsam model summary --config configs/model/xsam-paper.yaml
+	test -d $(QSRUNS)/tiny-init || $(VENV)/bin/xsam model init --config configs/model/tiny.yaml --random --out $(QSRUNS)/tiny-init
+	$(VENV)/bin/xsam predict --model configs/model/tiny.yaml --checkpoint $(QSRUNS)/tiny-init \
+		--image $(CORPORA)/coco_panoptic/val2017/000000439180.jpg --task refseg \
+		--prompt "the horse on the left" --out $(QSRUNS)/predict-horse.png
 
 test: install
 	$(VENV)/bin/pytest
@@ -49,4 +55,4 @@ bench-loader: install
 	$(PY) benchmarks/loader.py
 
 clean-quickstart:
-	rm -rf $(QS)
+	rm -rf $(QS) $(QSRUNS)
