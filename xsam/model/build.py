@@ -169,6 +169,7 @@ def build_xsam(
             oversample_ratio=loss.oversample_ratio, importance_sample_ratio=loss.importance_sample_ratio,
         ),
         llm_weight=loss.llm_weight, seg_weight=loss.seg_weight, shared_tasks=config.conditions.shared_tasks,
+        decoder_instances=config.conditions.decoder_instances,
     )
     apply_stage(model, recipe)
     return model

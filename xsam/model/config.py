@@ -133,6 +133,12 @@ class ConditionPart(_Strict):
         description="tasks whose conditions are concatenated over the batch (cross-sample negatives, §3.7)",
     )
 
+    decoder_instances: Literal["per_seg", "last_seg"] = Field(
+        default="per_seg",
+        description="paper: every <SEG> drives its own decoder instance (one target per refseg turn); "
+        "main: only each sample's last <SEG>, with every mask of the sample as its targets",
+    )
+
     @field_validator("shared_tasks")
     @classmethod
     def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -27,6 +27,8 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerTransformerModule,
 )
 
+from xsam.model.deformable import Backend, install_backend
+
 # Mask2Former hard-codes 3 feature levels in both the pixel decoder and the transformer module.
 NUM_FEATURE_LEVELS = 3
 
@@ -137,7 +139,13 @@ class MaskDecoder(nn.Module):
     map onto them one to one.
     """
 
-    def __init__(self, *, config: Mask2FormerConfig, feature_channels: Sequence[int] = (512, 1024, 2048)) -> None:
+    def __init__(
+        self,
+        *,
+        config: Mask2FormerConfig,
+        feature_channels: Sequence[int] = (512, 1024, 2048),
+        deformable_backend: Backend = "auto",
+    ) -> None:
         """Build the decoder with freshly initialised weights (spec §3: X-SAM re-initialises the M2F checkpoint).
 
         Args:
@@ -145,6 +153,9 @@ class MaskDecoder(nn.Module):
             feature_channels: channels of the connector pyramid, high resolution (stride 8) first; the defaults are
                 the conv connector's 512@128², 1024@64², 2048@32² for a 1024 input (spec §3 "Segmentation
                 connector").
+            deformable_backend: multi-scale deformable attention of the pixel decoder, see
+                `xsam.model.deformable.resolve_backend`: "auto" runs the compiled kernel for CUDA tensors when it is
+                in the local cache and pure PyTorch otherwise; "torch" always PyTorch; "kernel" requires the kernel.
         """
         super().__init__()
         if len(feature_channels) != NUM_FEATURE_LEVELS:
@@ -163,6 +174,8 @@ class MaskDecoder(nn.Module):
         if embed.device != device:
             self.pixel_decoder.level_embed = nn.Parameter(torch.empty(embed.shape, dtype=embed.dtype, device=device))
         self.apply(partial(_init_weights, init_std=config.init_std, init_xavier_std=config.init_xavier_std))
+        # --- deformable attention backend (xsam.model.deformable): same parameters, per-instance forward ---
+        install_backend(self.pixel_decoder, deformable_backend)
 
     def forward(
         self,

@@ -88,6 +88,9 @@ class XSam(nn.Module):
         region_sampler: pools `<region>` tokens from the `seg_projector` grid.
         criterion: the segmentation loss; `llm_weight` / `seg_weight` weigh the two losses.
         shared_tasks: tasks whose instances share the batch's conditions (refseg, reaseg).
+        decoder_instances: "per_seg" (paper branch: one instance per `<SEG>`, answering that turn's
+            masks) or "last_seg" (main: one instance per sample, its last `<SEG>`, answering every
+            mask of the sample).
     """
 
     def __init__(
@@ -107,8 +110,11 @@ class XSam(nn.Module):
         llm_weight: float = 1.0,
         seg_weight: float = 1.0,
         shared_tasks: tuple[str, ...] = ("refseg", "reaseg"),
+        decoder_instances: str = "per_seg",
     ) -> None:
         super().__init__()
+        if decoder_instances not in ("per_seg", "last_seg"):
+            raise ValueError(f"decoder_instances must be 'per_seg' (paper) or 'last_seg' (main), got {decoder_instances!r}")
         if llm is not None and (vision_encoder is None or visual_projector is None):
             raise ValueError("XSam: an LLM needs the vision encoder and visual_projector (image tokens)")
         if decoder is not None and (seg_encoder is None or seg_connector is None or class_head is None):
@@ -131,6 +137,7 @@ class XSam(nn.Module):
         self.llm_weight = llm_weight
         self.seg_weight = seg_weight
         self.shared_tasks = tuple(shared_tasks)
+        self.decoder_instances = decoder_instances
 
     # ------------------------------------------------------------------ forward
 
@@ -313,7 +320,8 @@ class XSam(nn.Module):
         for b in range(len(batch)):
             if slot[b] < 0 or not len(segs[b]):
                 continue
-            for j in range(len(segs[b])):
+            chosen = range(len(segs[b])) if self.decoder_instances == "per_seg" else [len(segs[b]) - 1]
+            for j in chosen:
                 sample.append(b)
                 seg.append(j)
                 offset.append(offsets.get(b, 0))
@@ -328,7 +336,9 @@ class XSam(nn.Module):
         for i, r in enumerate(rows):
             condition[i, : len(r)] = r
             mask[i, : len(r)] = True
-        seg_embeddings = torch.cat([segs[b] for b in range(len(batch)) if slot[b] >= 0 and len(segs[b])]) if n else None
+        used = [segs[b] if self.decoder_instances == "per_seg" else segs[b][-1:] for b in range(len(batch))
+                if slot[b] >= 0 and len(segs[b])]
+        seg_embeddings = torch.cat(used) if n else None
         instances = Instances(
             sample=torch.tensor(sample, dtype=torch.long, device=device),
             seg=torch.tensor(seg, dtype=torch.long, device=device),
@@ -340,7 +350,8 @@ class XSam(nn.Module):
     def _targets(self, batch: Batch, instances: Instances) -> list[InstanceTarget]:
         out = []
         for b, j, off in zip(instances.sample.tolist(), instances.seg.tolist(), instances.condition_offset.tolist()):
-            rows = torch.ones_like(batch.mask_segs[b], dtype=torch.bool) if j < 0 else batch.mask_segs[b] == j
+            every = j < 0 or self.decoder_instances == "last_seg"  # stage 1, or main's one instance per sample
+            rows = torch.ones_like(batch.mask_segs[b], dtype=torch.bool) if every else batch.mask_segs[b] == j
             ignore = batch.ignore[b] if bool(batch.ignore[b].any()) else None
             classes = batch.mask_spans[b][rows] + off
             if isinstance(self.class_head, LinearClassHead) and len(classes) and int(classes.max()) >= (

@@ -128,6 +128,25 @@ def test_same_task_shared_when_configured(cfg, tok, batches) -> None:
     assert out.condition_mask.shape[1] == sum(_num_spans(batch)) and out.condition_mask.all()
 
 
+def test_main_branch_uses_each_samples_last_seg_for_all_its_masks(cfg, tok, batches) -> None:
+    """`conditions.decoder_instances: last_seg` (X-SAM main): one instance per sample, its last <SEG>,
+    every mask of the sample as a target (classes still offset for shared conditions)."""
+    main = cfg.model_copy(update={"conditions": cfg.conditions.model_copy(update={"decoder_instances": "last_seg"})})
+    batch = batches["reaseg"]
+    segs = _num_segs(batch)
+    assert max(segs) > 1  # a multi-turn item: the two modes differ
+    model = _model(main, tok)
+    out = model(batch, generator=_gen())
+    assert out.instances.sample.tolist() == list(range(len(batch)))
+    assert out.instances.seg.tolist() == [n - 1 for n in segs]
+    targets = model._targets(batch, out.instances)
+    spans = _num_spans(batch)
+    for b, t in enumerate(targets):
+        assert len(t.classes) == len(batch.masks[b])
+        assert t.classes.tolist() == (batch.mask_spans[b] + sum(spans[:b])).tolist()
+    assert torch.isfinite(out.loss)
+
+
 def test_stage2_trains_only_the_projectors_and_has_no_decoder(cfg, tok, batches) -> None:
     model = _model(cfg, tok, "stage2")
     assert set(model.parts()) == {"vision_encoder", "visual_projector", "seg_encoder", "seg_projector", "llm"}
