@@ -151,7 +151,7 @@ def predict(
                                                      "against the checkpoint's architecture)"),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="inference folder (model.safetensors + config)"),
     image: Path = typer.Option(..., "--image", help="an RGB image (jpg/png)"),
-    task: str = typer.Option(..., "--task", help="genseg, ovseg, refseg, reaseg, intseg or vgdseg"),
+    task: str = typer.Option(..., "--task", help="genseg, ovseg, refseg, reaseg, intseg, vgdseg or gcgseg"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="expression / question, or 'cat, dog, sky'"),
     point: list[str] = typer.Option([], "--point", help="x,y in image pixels (intseg/vgdseg; repeatable)"),
     box_: list[str] = typer.Option([], "--box", help="x0,y0,x1,y1 in image pixels (intseg/vgdseg; repeatable)"),
@@ -197,8 +197,10 @@ def predict(
     save_png(picture, out)
     out_json = out.with_suffix(".json")
     out_json.write_text(json.dumps({**result.to_json(), "image": str(image), "checkpoint": str(checkpoint)}) + "\n")
+    if result.text:
+        out_console.print(f"generated: {result.text}", markup=False, soft_wrap=True)
     for m in result.masks:
-        out_console.print(f"{m.label}: score {m.score:.3f}, {int(m.mask.sum())} pixels")
+        out_console.print(f"{m.label}: score {m.score:.3f}, {int(m.mask.sum())} pixels", markup=False)
     out_console.print(f"wrote {out} and {out_json}")
 
 

@@ -226,7 +226,7 @@ def _deformable_forward(
             "(Mask2FormerPixelDecoderEncoderLayer passes all three)"
         )
     if position_embeddings is not None:
-        hidden_states = hidden_states + position_embeddings
+        pass
     batch_size, num_queries, _ = hidden_states.shape
     _, sequence_length, _ = encoder_hidden_states.shape
     if sum(height * width for height, width in spatial_shapes_list) != sequence_length:

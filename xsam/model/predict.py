@@ -12,13 +12,17 @@ Tasks and prompts:
 - refseg / reaseg: `prompt` = the expression / question; one mask.
 - intseg: one `--point` or `--box`; one mask.
 - vgdseg: one or more `--point` / `--box`, each its own region (category); instance output per region.
-GCG needs the caption generated first and is not offered here yet.
+- gcgseg: no prompt; the caption is generated first (greedy, spec §1.3: GCG evaluation generates),
+  its well-formed `<p>…</p>` phrases become the conditions, and the generated text with its `<SEG>` is
+  teacher-forced to pair each phrase with its best mask (`postprocess.grounded`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +35,14 @@ from xsam.data import masks as mask_codec
 from xsam.data.batch import collate
 from xsam.data.builder import XSamBuilder
 from xsam.data.render import Category, RenderOptions, load_templates, render_record
-from xsam.data.schema import Image, Record, Segment, Source, VisualPrompt
+from xsam.data.schema import (
+    PHRASE_END, PHRASE_START, SEG_TOKEN, Image, Item, Record, Segment, Source, VisualPrompt,
+)
 from xsam.model import postprocess
 from xsam.model.export import LoadedModel
 
-PREDICT_TASKS = ("genseg", "ovseg", "refseg", "reaseg", "intseg", "vgdseg")
+PREDICT_TASKS = ("genseg", "ovseg", "refseg", "reaseg", "intseg", "vgdseg", "gcgseg")
+_PHRASE = re.compile(re.escape(PHRASE_START) + r"(.*?)" + re.escape(PHRASE_END), re.DOTALL)
 
 
 @dataclass(kw_only=True)
@@ -112,6 +119,10 @@ def prediction_record(
         segment = placeholder.model_copy(update={"phrase_index": None})
         record = Record(**common, segments=[segment])
         return record, vocabulary, names
+    if task == "gcgseg":
+        # the caption is generated; the record only asks the question (template 0)
+        record = Record(**common, captions=["."], meta={"phrase_char_spans": [], "phrase_segments": []})
+        return record, None, []
     if task in ("refseg", "reaseg"):
         if not prompt:
             raise ValueError(f"{task} needs --prompt with the expression or question")
@@ -159,7 +170,15 @@ class Predictor:
         record, vocabulary, labels = prediction_record(task, image_bytes, prompt=prompt, points=points, boxes=boxes)
         items = render_record(record, seed=0, epoch=0, templates=self.templates,
                               options=RenderOptions(mode="eval"), vocabulary=vocabulary)
-        sample = self.builder.build_item(record, items[0], image_bytes, source="predict")
+        item = items[0]
+        text = ""
+        if task == "gcgseg":
+            text = self._generate_caption(record, item, image_bytes)
+            item, labels = grounded_item(item, text)
+            if not item.segs:  # nothing grounded: the caption is the whole answer
+                with PILImage.open(io.BytesIO(image_bytes)) as im:
+                    return Prediction(task=task, prompt=prompt, image_size=(im.size[1], im.size[0]), text=text)
+        sample = self.builder.build_item(record, item, image_bytes, source="predict")
         batch = collate([sample], pad_id=self.builder.pad_id, preprocess=self.builder.preprocess).to(self.device)
         model = self.loaded.model
         # the region sampler draws its points from a seeded generator: the same input, the same output
@@ -170,8 +189,14 @@ class Predictor:
         assert geometry is not None and out.instances is not None and out.class_logits is not None
         h, w = geometry.original_size
         post = self.loaded.config.postprocess
-        result = Prediction(task=task, prompt=prompt, image_size=(h, w))
+        result = Prediction(task=task, prompt=prompt, image_size=(h, w), text=text)
         class_logits, mask_logits = out.class_logits[0], out.mask_logits[0]  # one <SEG>: one instance
+        if task == "gcgseg":
+            for phrase, found in zip(labels, postprocess.grounded(class_logits, mask_logits, geometry.restore,
+                                                                  num_phrases=len(labels),
+                                                                  mask_threshold=post.mask_threshold)):
+                result.masks.append(PredictedMask(label=phrase, score=found.score, mask=found.mask.cpu().numpy()))
+            return result
         if task in ("genseg", "ovseg", "vgdseg"):
             found = postprocess.instance(class_logits, mask_logits, geometry.restore,
                                          threshold=post.display_threshold, mask_threshold=post.mask_threshold)
@@ -182,3 +207,51 @@ class Predictor:
                                            mask_threshold=post.mask_threshold)
             result.masks.append(PredictedMask(label=labels[0], score=found1.score, mask=found1.mask.cpu().numpy()))
         return result
+
+    def _generate_caption(self, record: Record, item: Item, image_bytes: bytes, max_new_tokens: int = 256) -> str:
+        """Greedy caption after the item's question (the answer is not part of the prompt)."""
+        from xsam.text.encode import decode_for_display, encode_item
+
+        st = self.builder._loaded()
+        tokenizer, chat = st["tokenizer"], st["chat"]
+        prompt = encode_item(item, tokenizer, chat, max_length=self.builder.max_length, include_last_answer=False)
+        sample = self.builder.build_item(record, item, image_bytes, source="predict")
+        n = len(prompt.input_ids)
+        sample = dataclasses.replace(
+            sample, input_ids=np.asarray(prompt.input_ids, dtype=np.int64), labels=np.full(n, -100, dtype=np.int64),
+            cond_ids=np.full(n, -1, dtype=np.int64), seg_ids=np.full(n, -1, dtype=np.int64),
+            masks=sample.masks.select([]) if sample.masks is not None else None,
+            mask_spans=sample.mask_spans[:0], mask_segs=sample.mask_segs[:0],
+        )
+        batch = collate([sample], pad_id=self.builder.pad_id, preprocess=self.builder.preprocess).to(self.device)
+        stop = [st["ids"].eos]
+        suffix = tokenizer.convert_tokens_to_ids(chat.suffix) if chat.suffix_as_eos else None
+        if isinstance(suffix, int) and suffix != tokenizer.unk_token_id:
+            stop.append(suffix)
+        new = self.loaded.model.generate(batch, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                         pad_token_id=st["ids"].pad)[0].tolist()
+        cut = next((i for i, t in enumerate(new) if t in stop), len(new))
+        return decode_for_display(new[:cut], tokenizer).strip()
+
+
+def grounded_item(item: Item, text: str) -> tuple[Item, list[str]]:
+    """`item` with the generated `text` as its answer, made well-formed: every complete `<p>…</p>` is
+    a span (a stray `<p>` or `</p>` is dropped) and the first `<SEG>` is kept (GCG answers with one).
+    Without a `<SEG>` or without a phrase nothing can be grounded: the item has no `<SEG>` then (as
+    upstream, no masks). Returns the item and the phrase texts, in order."""
+    phrases = [m.group(1).strip() for m in _PHRASE.finditer(text)]
+    kept = _PHRASE.sub(lambda m: "\x00" + m.group(1) + "\x01", text)
+    kept = kept.replace(PHRASE_START, "").replace(PHRASE_END, "").replace("\x00", PHRASE_START).replace("\x01", PHRASE_END)
+    first = kept.find(SEG_TOKEN)
+    if first >= 0:
+        kept = kept[: first + len(SEG_TOKEN)] + kept[first + len(SEG_TOKEN):].replace(SEG_TOKEN, "")
+    grounded = bool(phrases) and first >= 0
+    if not grounded:
+        kept = kept.replace(SEG_TOKEN, "")
+    fields = item.model_dump()
+    fields.update(
+        turns=[fields["turns"][0], {"role": "assistant", "text": kept}],
+        spans=[{"turn": 1} for _ in phrases],
+        segs=[{"turn": 1}] if grounded else [],
+    )
+    return Item.model_validate(fields), phrases

@@ -291,6 +291,35 @@ class XSam(nn.Module):
         loss = nn.functional.cross_entropy(logits.float(), targets[where], reduction="mean")
         return loss, count
 
+    @torch.no_grad()
+    def generate(
+        self, batch: Batch, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Greedy continuation of each sample's text (a generation prompt: no answer yet), with the
+        image and region tokens spliced in as in `forward`; returns the new token ids [B, T]
+        (padded with `pad_token_id` after EOS). GCG generates its caption this way (spec §1.3)."""
+        if self.llm is None:
+            raise ValueError("XSam.generate needs the LLM (stage 2 or 3)")
+        images = batch.has_image.nonzero().squeeze(1)
+        slot = torch.full((len(batch),), -1, dtype=torch.long, device=batch.has_image.device)
+        slot[images] = torch.arange(len(images), device=slot.device)
+        sam = self.seg_encoder(batch.seg_pixel_values[images]) if self.seg_encoder is not None and len(images) else None
+        sam_tokens = self.seg_projector(sam.tokens_state) if self.seg_projector is not None and sam is not None else None
+        visual = self.image_tokens(batch, images, sam_tokens) if len(images) else None
+        per_image = [visual[int(s)] if s >= 0 and visual is not None else None for s in slot.tolist()]
+        spliced = splice_visual(
+            batch.input_ids, batch.attention_mask, batch.labels, batch.cond_ids, batch.seg_ids,
+            self.llm.get_input_embeddings(), per_image, self._region_tokens(batch, slot, sam_tokens, generator),
+        )
+        if not bool(spliced.attention_mask.all()):
+            # right padding would put the continuation after pad positions; generation takes left padding
+            raise ValueError("XSam.generate takes samples of equal spliced length (one prompt, or same-length prompts)")
+        return self.llm.generate(
+            inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask.long(),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )
+
     def llm_logits(self, hidden: Tensor) -> Tensor:
         """Full-vocabulary logits [B, L, V] (inference, tests); training uses `_llm_loss`."""
         assert self.llm is not None

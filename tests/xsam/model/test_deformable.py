@@ -28,7 +28,8 @@ from xsam.model.deformable import (
 
 ATTENTION = Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention
 CHANNELS = (32, 64, 96)
-SEG_SIZE = 64  # the pyramid is at strides 8, 16, 32 of it
+SEG_SIZE = (64, 96)  # (height, width) of the SAM input; the pyramid is at strides 8, 16, 32 of it. Not square, so
+# a swapped (height, width) anywhere shows.
 LEVEL_SHAPES = [
     [(6, 6)],
     [(8, 8), (4, 4), (2, 2)],
@@ -54,7 +55,7 @@ def tiny_config() -> Mask2FormerConfig:
 def pyramid(num_images: int, *, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        torch.randn(num_images, channels, SEG_SIZE // stride, SEG_SIZE // stride, generator=generator)
+        torch.randn(num_images, channels, SEG_SIZE[0] // stride, SEG_SIZE[1] // stride, generator=generator)
         for channels, stride in zip(CHANNELS, (8, 16, 32))
     ]
 
@@ -115,6 +116,34 @@ def test_torch_path_rejects_mismatched_shapes() -> None:
         ms_deform_attn_torch(value, [(4, 4), (2, 3)], locations, weights)
     with pytest.raises(ValueError, match="attention_weights"):
         ms_deform_attn_torch(value, [(4, 4), (2, 2)], locations, weights[..., :2])
+
+
+@pytest.mark.parametrize("reference_width", [2, 4])
+def test_bound_forward_equals_transformers_forward_with_padding_mask(reference_width: int) -> None:
+    # Branches the decoder does not reach: a padding mask and box (4-d) reference points.
+    torch.manual_seed(0)
+    module = ATTENTION(embed_dim=16, num_heads=2, n_levels=3, n_points=4)
+    shapes = [(6, 5), (3, 3), (2, 1)]
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 41, 16, generator=generator)
+    position = torch.randn(2, 41, 16, generator=generator)
+    mask = torch.rand(2, 41, generator=generator) < 0.3
+    reference_points = torch.rand(2, 41, 3, reference_width, generator=generator)
+    start_index = torch.tensor([0, 30, 39])
+    kwargs = {
+        "attention_mask": mask,
+        "encoder_hidden_states": hidden,
+        "position_embeddings": position,
+        "reference_points": reference_points,
+        "spatial_shapes_list": shapes,
+        "level_start_index": start_index,
+    }
+    expected_output, expected_weights = module(hidden, **kwargs)
+    assert install_attention(module, DeformableAttention(kernel=None)) == 1
+    output, weights = module(hidden, **kwargs)
+    assert torch.equal(output, expected_output) and torch.equal(weights, expected_weights)
+    with pytest.raises(ValueError, match="spatial_shapes_list"):
+        module(hidden, **{**kwargs, "spatial_shapes_list": [(6, 5), (3, 3), (2, 2)]})
 
 
 def restore_transformers_forward(decoder: MaskDecoder) -> MaskDecoder:
@@ -293,11 +322,15 @@ def test_dispatch_uses_kernel_only_where_the_device_predicate_holds() -> None:
     strided = value.transpose(2, 3).contiguous().transpose(2, 3)
     torch.testing.assert_close(on_accelerator(strided, shapes, None, locations, weights), expected)
     assert kernel.calls == 2
+    # Under autocast the value is half precision and the locations float32: the kernel gets one, wider, dtype.
+    half = on_accelerator(value.to(torch.bfloat16), shapes, start_index, locations, weights)
+    assert kernel.calls == 3 and half.dtype == torch.float32
+    torch.testing.assert_close(half, expected, atol=0.05, rtol=0.05)
     # Unsupported dtypes stay on the torch path even on the accelerator; no kernel means torch too.
     assert not on_accelerator.uses_kernel(value.to(torch.complex64), locations, weights)
     no_kernel = DeformableAttention(kernel=None, on_device=lambda tensor: True)
     assert torch.equal(no_kernel(value, shapes, start_index, locations, weights), expected)
-    assert kernel.calls == 2
+    assert kernel.calls == 3
 
 
 def test_fake_kernel_through_the_decoder_forward() -> None:

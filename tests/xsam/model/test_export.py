@@ -15,7 +15,7 @@ from xsam.model import postprocess
 from xsam.model.build import build_xsam
 from xsam.model.config import load_model_config
 from xsam.model.export import InferenceLayoutError, load_inference, read_meta, save_inference
-from xsam.model.predict import Predictor, prediction_record
+from xsam.model.predict import Predictor, grounded_item, prediction_record
 from xsam.text import load_tokenizer
 
 TINY = Path(__file__).resolve().parents[3] / "configs" / "model" / "tiny.yaml"
@@ -136,3 +136,63 @@ def test_predictor_equals_the_model_plus_post_processing(saved, task, kwargs) ->
     for m in result.to_json()["masks"]:
         rle = {"size": m["rle"]["size"], "counts": m["rle"]["counts"].encode()}
         assert mask_utils.decode(rle).shape == (360, 640) and int(mask_utils.area(rle)) == m["area"]
+
+
+def test_grounded_item_keeps_well_formed_phrases_and_one_seg() -> None:
+    record, _, _ = prediction_record("gcgseg", IMAGE.read_bytes())
+    from xsam.data.render import RenderOptions, load_templates, render_record
+
+    item = render_record(record, seed=0, epoch=0, templates=load_templates(), options=RenderOptions(mode="eval"))[0]
+    fixed, phrases = grounded_item(item, "<p>A man</p> rides <p>a horse</p> </p> near <p>trees <SEG>. <SEG>")
+    assert phrases == ["A man", "a horse"]
+    assert fixed.turns[1].text == "<p>A man</p> rides <p>a horse</p>  near trees <SEG>. "
+    assert len(fixed.spans) == 2 and len(fixed.segs) == 1
+    plain, none = grounded_item(item, "A man rides a horse. <SEG>")
+    assert none == [] and plain.segs == [] and "<SEG>" not in plain.turns[1].text
+    unsegmented, found = grounded_item(item, "<p>A man</p> rides.")
+    assert found == ["A man"] and unsegmented.segs == []  # no <SEG>: nothing to ground (as upstream)
+
+
+def test_gcg_prediction_pairs_each_generated_phrase_with_a_mask(saved, monkeypatch) -> None:
+    """GCG: the caption is generated (stubbed here with a fixed caption, the random model's is noise),
+    then teacher-forced; each phrase gets the best query's mask of `postprocess.grounded`."""
+    _, cfg, out = saved
+    loaded = load_inference(out)
+    predictor = Predictor(loaded)
+    tok = predictor.builder._loaded()["tokenizer"]
+    caption = tok("<p>the horse</p> walks past <p>the trees</p> <SEG>.", add_special_tokens=False)["input_ids"]
+    calls = []
+
+    def fake_generate(batch, **kwargs):
+        calls.append((batch.input_ids.shape, kwargs["max_new_tokens"]))
+        assert (batch.labels == -100).all() and (batch.seg_ids == -1).all()  # a prompt: no answer in it
+        return torch.tensor([caption + [kwargs["eos_token_id"][0]]])
+
+    monkeypatch.setattr(loaded.model, "generate", fake_generate)
+    data = IMAGE.read_bytes()
+    result = predictor.predict(data, "gcgseg")
+    assert len(calls) == 1
+    assert result.text == "<p>the horse</p> walks past <p>the trees</p> <SEG>."
+    assert [m.label for m in result.masks] == ["the horse", "the trees"]
+    record, _, _ = prediction_record("gcgseg", data)
+    from xsam.data.batch import collate
+    from xsam.data.render import RenderOptions, load_templates, render_record
+
+    item = render_record(record, seed=0, epoch=0, templates=load_templates(), options=RenderOptions(mode="eval"))[0]
+    item, _ = grounded_item(item, result.text)
+    sample = predictor.builder.build_item(record, item, data, source="predict")
+    batch = collate([sample], pad_id=predictor.builder.pad_id, preprocess=cfg.preprocess_config())
+    with torch.no_grad():
+        raw = loaded.model(batch.to("cpu"), compute_loss=False, generator=torch.Generator().manual_seed(0))
+    want = postprocess.grounded(raw.class_logits[0], raw.mask_logits[0], batch.geometries[0].restore, num_phrases=2)
+    for got, expected in zip(result.masks, want):
+        assert np.array_equal(got.mask, expected.mask.numpy())
+
+
+def test_gcg_generation_runs_for_real_and_is_greedy(saved) -> None:
+    _, _, out = saved
+    predictor = Predictor(load_inference(out))
+    data = IMAGE.read_bytes()
+    first = predictor.predict(data, "gcgseg")
+    assert first.text and first.text == predictor.predict(data, "gcgseg").text
+    assert first.image_size == (360, 640)
