@@ -6,15 +6,17 @@ weights. transformers' `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttent
 module-level grid_sample implementation (`modeling_mask2former.multi_scale_deformable_attention`). Here:
 
 - `ms_deform_attn_torch` is our pure-PyTorch implementation (one `grid_sample` per level), the CPU path and the
-  reference. It reproduces transformers' function bit for bit, so installing it changes no output.
+  reference. It performs the same operations in the same order as transformers' function (bit-identical outputs
+  on CPU in tests/xsam/model/test_deformable.py), so installing it changes no output.
 - The fast path is the CUDA kernel that transformers itself maps `MultiScaleDeformableAttention` to
   (`transformers/integrations/hub_kernels.py`: `LayerRepository(repo_id="kernels-community/deformable-detr",
   layer_name="MultiScaleDeformableAttention", version=1)`, applied by `kernels.kernelize`). It is looked up only in
   the local Hugging Face cache, with the Hub forced offline: nothing is ever downloaded.
 - `install_backend` makes every deformable attention inside a module call a `DeformableAttention` dispatcher, which
-  runs the kernel for CUDA tensors of a supported dtype and the torch path otherwise. It replaces each attention
-  *instance's* `forward` with a bound copy of transformers' forward (`_deformable_forward`); the transformers module
-  and other models in the process are untouched, and parameter names and state-dict keys are unchanged.
+  runs the kernel for CUDA tensors of a supported dtype and the torch path otherwise. It switches each attention
+  *instance* to `DispatchingDeformableAttention`, a subclass whose forward is transformers' forward calling the
+  dispatcher; the transformers module and other models in the process are untouched, and parameter names and
+  state-dict keys are unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -145,6 +146,9 @@ def _im2col_step(batch: int, cap: int) -> int:
     return 1
 
 
+_HUB_KERNEL = "kernels-community/deformable-detr (reload)"
+
+
 class DeformableAttention:
     """Per-call dispatch between the compiled kernel and `ms_deform_attn_torch`.
 
@@ -162,6 +166,19 @@ class DeformableAttention:
         """
         self.kernel = kernel
         self.on_device = on_device
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The hub layer's class lives in a module that `kernels` imports from a cache path, which pickle cannot name
+        # in another process: send a marker instead and look the kernel up again where the copy is loaded.
+        state = dict(self.__dict__)
+        if self.kernel is not None and self.kernel is find_kernel()[0]:
+            state["kernel"] = _HUB_KERNEL
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["kernel"], str) and state["kernel"] == _HUB_KERNEL:
+            state["kernel"] = resolve_backend("auto").kernel
+        self.__dict__.update(state)
 
     def uses_kernel(self, value: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> bool:
         """Whether `__call__` would run the compiled kernel on these tensors."""
@@ -185,8 +202,9 @@ class DeformableAttention:
         kernel = self.kernel
         if kernel is None or not self.uses_kernel(value, sampling_locations, attention_weights):
             return ms_deform_attn_torch(value, spatial_shapes_list, sampling_locations, attention_weights)
-        # The kernel reads all three float inputs as one scalar type and needs contiguous memory. Under autocast the
-        # value is half precision while the locations stay float32: promote rather than round the locations.
+        # The kernel reads all three float inputs as one scalar type and needs contiguous memory. Under autocast they
+        # differ (the projections give half precision, softmax float32): run in the widest, as the torch path's
+        # type promotion does, rather than round the weights.
         dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
         spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=value.device)
         if level_start_index is None:
@@ -215,7 +233,7 @@ def _deformable_forward(
     output_attentions: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """`Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention.forward` (transformers 5.24) calling
-    `self._xsam_attention` instead of the module-level function. Bound per instance by `install_attention`.
+    `self._xsam_attention` instead of the module-level function; the forward of `DispatchingDeformableAttention`.
 
     `encoder_attention_mask` and `output_attentions` are accepted and ignored, as in transformers; the attention
     weights are always returned as the second output.
@@ -226,7 +244,7 @@ def _deformable_forward(
             "(Mask2FormerPixelDecoderEncoderLayer passes all three)"
         )
     if position_embeddings is not None:
-        pass
+        hidden_states = hidden_states + position_embeddings
     batch_size, num_queries, _ = hidden_states.shape
     _, sequence_length, _ = encoder_hidden_states.shape
     if sum(height * width for height, width in spatial_shapes_list) != sequence_length:
@@ -282,19 +300,30 @@ def _deformable_forward(
     return self.output_proj(output), attention_weights
 
 
+class DispatchingDeformableAttention(Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
+    """transformers' pixel-decoder deformable attention whose forward calls a `DeformableAttention` dispatcher.
+
+    Never constructed: `install_attention` switches the class of existing instances, which keeps their parameters
+    (same objects, names and state-dict keys) and `isinstance` against transformers' class. Unlike a forward bound on
+    the instance, a class can be pickled by name (Ray, `torch.save` of a module) and deep-copied.
+    """
+
+    _xsam_attention: DeformableAttention
+    forward = _deformable_forward
+
+
 def install_attention(module: nn.Module, attention: DeformableAttention) -> int:
     """Make every `Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention` inside `module` use `attention`.
 
-    Each instance gets `_deformable_forward` bound as its own `forward` (an instance attribute, which `nn.Module`'s
-    call finds before the class's) and the dispatcher as `_xsam_attention`, a plain attribute: no parameter, buffer
-    or state-dict key changes, the class and transformers' module globals stay as they are, `copy.deepcopy` rebinds
-    to the copy, and installing again replaces the dispatcher. Returns the number of attention modules changed.
+    Only these instances change (see `DispatchingDeformableAttention`); transformers' class and module globals stay
+    as they are. The dispatcher is a plain attribute, not a submodule, so no parameter, buffer or state-dict key
+    changes. Installing again replaces the dispatcher. Returns the number of attention modules changed.
     """
     count = 0
     for submodule in module.modules():
         if isinstance(submodule, Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
+            submodule.__class__ = DispatchingDeformableAttention
             submodule._xsam_attention = attention
-            submodule.forward = types.MethodType(_deformable_forward, submodule)
             count += 1
     return count
 
@@ -362,7 +391,7 @@ def find_kernel() -> tuple[KernelAttention | None, str]:
         with _hub_offline():
             module: Any = get_kernel(KERNEL_REPO_ID, version=KERNEL_VERSION)
         kernel = module.layers.MultiScaleDeformableAttention()
-    except Exception as error:  # noqa: BLE001 - any load failure means "use the torch path", with the reason kept
+    except Exception as error:  # any load failure means "no kernel"; the reason is kept for the log or the error
         return None, f"loading {KERNEL_REPO_ID} v{KERNEL_VERSION} offline failed: {type(error).__name__}: {error}"
     return kernel, f"{KERNEL_REPO_ID} v{KERNEL_VERSION} from the local cache, for CUDA tensors"
 

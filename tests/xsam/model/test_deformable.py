@@ -5,6 +5,10 @@ The compiled kernel needs CUDA; here its dispatch is exercised with a fake kerne
 
 import copy
 import logging
+import pickle
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from xsam.model import deformable
 from xsam.model.decoder import MaskDecoder, MaskDecoderOutput, decoder_config
 from xsam.model.deformable import (
     DeformableAttention,
+    DispatchingDeformableAttention,
     install_attention,
     install_backend,
     is_cuda_tensor,
@@ -150,7 +155,8 @@ def restore_transformers_forward(decoder: MaskDecoder) -> MaskDecoder:
     """Undo `install_attention`, so the decoder runs transformers' own forward and attention function."""
     for module in decoder.modules():
         if isinstance(module, ATTENTION):
-            del module.forward, module._xsam_attention
+            module.__class__ = ATTENTION
+            del module._xsam_attention
             assert module.forward.__func__ is ATTENTION.forward
     return decoder
 
@@ -172,7 +178,7 @@ def test_installed_torch_backend_reproduces_transformers_exactly() -> None:
     reference, installed = build_pair()
     layers = [module for module in installed.modules() if isinstance(module, ATTENTION)]
     assert len(layers) == tiny_config().encoder_layers
-    assert all(module.forward.__func__ is deformable._deformable_forward for module in layers)
+    assert all(type(module) is DispatchingDeformableAttention for module in layers)
     features = pyramid(2)
     seg = torch.randn(3, tiny_config().hidden_dim, generator=torch.Generator().manual_seed(4))
     batch_index = torch.tensor([1, 0, 1])
@@ -224,20 +230,44 @@ def test_install_is_per_instance() -> None:
     # transformers' class and module-level function are untouched; only the installed copy's instances changed.
     assert modeling_mask2former.multi_scale_deformable_attention is multi_scale_deformable_attention
     assert ATTENTION.forward.__module__ == modeling_mask2former.__name__
-    assert all("forward" not in vars(module) for module in reference.modules() if isinstance(module, ATTENTION))
-    # A deep copy rebinds the forward to the copy's own modules.
-    duplicate = copy.deepcopy(installed)
-    for module in duplicate.modules():
-        if isinstance(module, ATTENTION):
-            assert module.forward.__self__ is module
+    assert all(type(module) is ATTENTION for module in reference.modules() if isinstance(module, ATTENTION))
     # Installing again replaces the dispatcher rather than stacking wrappers.
     replacement = DeformableAttention(kernel=None)
     assert install_attention(installed, replacement) == tiny_config().encoder_layers
     assert all(
-        module._xsam_attention is replacement and module.forward.__func__ is deformable._deformable_forward
+        type(module) is DispatchingDeformableAttention and module._xsam_attention is replacement
         for module in installed.modules()
         if isinstance(module, ATTENTION)
     )
+
+
+def test_installed_decoder_survives_pickle_and_deepcopy() -> None:
+    # Ray ships modules between processes by pickle; a forward bound on the instance would not survive it.
+    _, installed = build_pair()
+    features = pyramid(1)
+    expected = flat(installed(features))
+    for duplicate in (pickle.loads(pickle.dumps(installed)), copy.deepcopy(installed)):
+        layers = [module for module in duplicate.modules() if isinstance(module, ATTENTION)]
+        assert all(type(module) is DispatchingDeformableAttention for module in layers)
+        assert all(isinstance(module._xsam_attention, DeformableAttention) for module in layers)
+        for ours, theirs in zip(flat(duplicate(features)), expected, strict=True):
+            assert torch.equal(ours, theirs)
+
+
+def test_hub_kernel_is_pickled_by_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The loaded hub layer cannot be pickled by name: a copy looks it up again in the process that loads it.
+    hub_kernel = FakeKernel()
+    monkeypatch.setattr(deformable, "find_kernel", lambda: (hub_kernel, "fake hub kernel"))
+    restored = pickle.loads(pickle.dumps(DeformableAttention(kernel=hub_kernel)))
+    assert restored.kernel is hub_kernel and restored.on_device is is_cuda_tensor
+    state = DeformableAttention(kernel=hub_kernel).__getstate__()
+    assert isinstance(state["kernel"], str)
+    # Where the kernel is missing, the copy runs the torch path.
+    payload = pickle.dumps(DeformableAttention(kernel=hub_kernel))
+    monkeypatch.setattr(deformable, "find_kernel", lambda: (None, "no kernel in this process"))
+    assert pickle.loads(payload).kernel is None
+    # Other kernels (here a test double) are pickled as they are.
+    assert isinstance(pickle.loads(pickle.dumps(DeformableAttention(kernel=FakeKernel()))).kernel, FakeKernel)
 
 
 def test_auto_resolves_to_torch_on_cpu_with_reason(caplog: pytest.LogCaptureFixture) -> None:
@@ -322,7 +352,7 @@ def test_dispatch_uses_kernel_only_where_the_device_predicate_holds() -> None:
     strided = value.transpose(2, 3).contiguous().transpose(2, 3)
     torch.testing.assert_close(on_accelerator(strided, shapes, None, locations, weights), expected)
     assert kernel.calls == 2
-    # Under autocast the value is half precision and the locations float32: the kernel gets one, wider, dtype.
+    # Mixed precision (as under autocast): the kernel gets one dtype, the widest.
     half = on_accelerator(value.to(torch.bfloat16), shapes, start_index, locations, weights)
     assert kernel.calls == 3 and half.dtype == torch.float32
     torch.testing.assert_close(half, expected, atol=0.05, rtol=0.05)
@@ -351,3 +381,47 @@ def test_im2col_step_divides_batch() -> None:
     assert deformable._im2col_step(200, 128) == 100
     assert deformable._im2col_step(131, 128) == 1
     assert deformable._im2col_step(6, 4) == 3
+
+
+def test_find_kernel_loads_only_from_the_local_cache_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Pretend CUDA and a `kernels` package exist; check the cache gate and that loading happens with the Hub offline.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("KERNELS_CACHE", str(tmp_path))
+    monkeypatch.delenv("LOCAL_KERNELS", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls: list[tuple[str, int, bool]] = []
+
+    class HubLayer(FakeKernel):
+        pass
+
+    def get_kernel(repo_id: str, *, version: int) -> types.SimpleNamespace:
+        calls.append((repo_id, version, constants.HF_HUB_OFFLINE))
+        return types.SimpleNamespace(layers=types.SimpleNamespace(MultiScaleDeformableAttention=HubLayer))
+
+    monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=get_kernel))
+    find_kernel = deformable.find_kernel.__wrapped__  # bypass the per-process cache
+    kernel, reason = find_kernel()
+    assert kernel is None and "not in the local cache" in reason and str(tmp_path) in reason
+    assert calls == []  # nothing in the cache: `kernels` is not even asked
+
+    (tmp_path / "kernels--kernels-community--deformable-detr").mkdir()
+    kernel, reason = find_kernel()
+    assert isinstance(kernel, HubLayer) and "from the local cache" in reason
+    assert calls == [("kernels-community/deformable-detr", 1, True)]  # loaded with the Hub forced offline
+    assert constants.HF_HUB_OFFLINE is False  # and the flag restored
+
+    def failing_get_kernel(repo_id: str, *, version: int) -> None:
+        raise ValueError("Version 1 is not available in the local cache")
+
+    monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=failing_get_kernel))
+    kernel, reason = find_kernel()
+    assert kernel is None and "offline failed: ValueError: Version 1" in reason
+    assert constants.HF_HUB_OFFLINE is False
+
+    monkeypatch.setitem(sys.modules, "kernels", None)  # not installed
+    kernel, reason = find_kernel()
+    assert kernel is None and "`kernels` package is not importable" in reason
