@@ -147,7 +147,8 @@ def build_xsam(
         )
     if "decoder" in parts:
         assert connector is not None
-        decoder = MaskDecoder(config=decoder_config(**config.decoder.config), feature_channels=connector.out_channels)
+        decoder = MaskDecoder(config=decoder_config(**config.decoder.config), feature_channels=connector.out_channels,
+                              deformable_backend=config.decoder.deformable_backend)
     if "class_head" in parts:
         head = config.class_head
         if recipe.class_head == "linear":

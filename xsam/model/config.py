@@ -101,6 +101,9 @@ class DecoderPart(_Strict):
     config: dict[str, Any] = Field(
         default_factory=dict, description="Mask2FormerConfig overrides of xsam.model.decoder.decoder_config"
     )
+    deformable_backend: Literal["auto", "torch", "kernel"] = Field(
+        default="auto", description="deformable attention: the CUDA kernel when cached (auto), PyTorch, or required"
+    )
 
 
 class ClassHeadPart(_Strict):
