@@ -41,8 +41,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from xsam.configio import format_validation, read_yaml
 
 MixMode = Literal["weight", "repeat", "repetitions"]
 
@@ -156,15 +157,6 @@ class MixtureSpec(_Strict):
 _MODE_KEY = {"weight": "weight", "repeat": "repeat: sqrt", "repetitions": "repetitions"}
 
 
-def _format_validation(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_mixture(doc: Any, *, source: str = "<mixture>", base: Path | None = None) -> MixtureSpec:
     """Validate a parsed mixture document; relative local paths are made absolute against `base`
     (default: the current working directory)."""
@@ -173,7 +165,7 @@ def parse_mixture(doc: Any, *, source: str = "<mixture>", base: Path | None = No
     try:
         spec = MixtureSpec.model_validate(doc)
     except ValidationError as exc:
-        raise MixtureError(f"mixture file {source} is not valid:\n{_format_validation(exc)}") from None
+        raise MixtureError(f"mixture file {source} is not valid:\n{format_validation(exc)}") from None
     base = (base or Path.cwd()).resolve()
     sources = [
         s if "://" in s.path or Path(s.path).is_absolute() else s.model_copy(update={"path": str(base / s.path)})
@@ -185,14 +177,7 @@ def parse_mixture(doc: Any, *, source: str = "<mixture>", base: Path | None = No
 def load_mixture(path: str | Path) -> MixtureSpec:
     """Read and validate a mixture YAML file (never executes anything in it)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MixtureError(f"cannot read mixture file {path}: {exc.strerror or exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise MixtureError(f"mixture file {path}: not valid YAML: {exc}") from None
+    doc = read_yaml(path, error=MixtureError, what="mixture file")
     return parse_mixture(doc, source=str(path))
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from xsam.configio import format_validation, read_yaml
 from xsam.data.schema import TASKS
 
 # The parts of `XSam`, in the order they appear in the forward pass (also the names of its attributes).
@@ -274,15 +274,6 @@ class XSamConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-def _format_validation(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key (check its spelling)" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_model_config(doc: Any, *, source: str = "<model config>") -> XSamConfig:
     """Validate a parsed model-config document."""
     if not isinstance(doc, dict):
@@ -290,19 +281,12 @@ def parse_model_config(doc: Any, *, source: str = "<model config>") -> XSamConfi
     try:
         return XSamConfig.model_validate(doc)
     except ValidationError as exc:
-        raise ModelConfigError(f"model config {source} is not valid:\n{_format_validation(exc)}") from None
+        raise ModelConfigError(f"model config {source} is not valid:\n{format_validation(exc)}") from None
 
 
 def load_model_config(path: str | Path, *, base: Path | None = None) -> XSamConfig:
     """Read and validate a model-config YAML (never executes anything in it); relative paths in it
     are made absolute against `base` (default: the current working directory)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ModelConfigError(f"cannot read model config {path}: {exc.strerror or exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ModelConfigError(f"model config {path}: not valid YAML: {exc}") from None
+    doc = read_yaml(path, error=ModelConfigError, what="model config")
     return parse_model_config(doc, source=str(path)).resolved(base or Path.cwd())
