@@ -4,37 +4,17 @@ import math
 
 import pytest
 import torch
+from tiny_decoder import CHANNELS, DECODER_LAYERS, HIDDEN, NUM_QUERIES, tiny_config
+from tiny_decoder import pyramid as tiny_pyramid
 from transformers import Mask2FormerConfig
 
 from xsam.model.decoder import ClassHead, LinearClassHead, MaskDecoder, MaskDecoderOutput, decoder_config
 
-HIDDEN = 32
-NUM_QUERIES = 20
-DECODER_LAYERS = 3
-CHANNELS = (32, 64, 96)
 SEG_SIZE = 128  # SAM input side; the pyramid is at strides 8, 16, 32 of it
 
 
-def tiny_config() -> Mask2FormerConfig:
-    return decoder_config(
-        feature_size=HIDDEN,
-        mask_feature_size=HIDDEN,
-        hidden_dim=HIDDEN,
-        encoder_layers=2,
-        encoder_feedforward_dim=64,
-        decoder_layers=DECODER_LAYERS,
-        dim_feedforward=64,
-        num_attention_heads=4,
-        num_queries=NUM_QUERIES,
-    )
-
-
 def pyramid(num_images: int, *, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(num_images, channels, SEG_SIZE // stride, SEG_SIZE // stride, generator=generator)
-        for channels, stride in zip(CHANNELS, (8, 16, 32))
-    ]
+    return tiny_pyramid(num_images, (SEG_SIZE, SEG_SIZE), seed=seed)
 
 
 @pytest.fixture(scope="module")

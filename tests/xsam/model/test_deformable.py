@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Mask2FormerConfig
 from transformers.models.mask2former import modeling_mask2former
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
     multi_scale_deformable_attention,
 )
 
+from tiny_decoder import CHANNELS, tiny_config
+from tiny_decoder import pyramid as tiny_pyramid
+
 from xsam.model import deformable
-from xsam.model.decoder import MaskDecoder, MaskDecoderOutput, decoder_config
+from xsam.model.decoder import MaskDecoder, MaskDecoderOutput
 from xsam.model.deformable import (
     DeformableAttention,
     DispatchingDeformableAttention,
@@ -32,7 +34,6 @@ from xsam.model.deformable import (
 )
 
 ATTENTION = Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention
-CHANNELS = (32, 64, 96)
 SEG_SIZE = (64, 96)  # (height, width) of the SAM input; the pyramid is at strides 8, 16, 32 of it. Not square, so
 # a swapped (height, width) anywhere shows.
 LEVEL_SHAPES = [
@@ -42,27 +43,8 @@ LEVEL_SHAPES = [
 ]
 
 
-def tiny_config() -> Mask2FormerConfig:
-    """The tiny decoder of test_decoder.py: hidden 32, 4 heads (head_dim 8), 2 encoder layers."""
-    return decoder_config(
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_layers=2,
-        encoder_feedforward_dim=64,
-        decoder_layers=3,
-        dim_feedforward=64,
-        num_attention_heads=4,
-        num_queries=20,
-    )
-
-
 def pyramid(num_images: int, *, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(num_images, channels, SEG_SIZE[0] // stride, SEG_SIZE[1] // stride, generator=generator)
-        for channels, stride in zip(CHANNELS, (8, 16, 32))
-    ]
+    return tiny_pyramid(num_images, SEG_SIZE, seed=seed)
 
 
 def random_inputs(
