@@ -235,9 +235,8 @@ class XSam(nn.Module):
             tokens.append(sam_tokens)
         return torch.cat(tokens, dim=1)
 
-    def _run_llm(
-        self, batch: Batch, images: Tensor, slot: Tensor, sam, generator: torch.Generator | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _splice(self, batch: Batch, images: Tensor, slot: Tensor, sam, generator: torch.Generator | None):
+        """The LLM's input embeddings: text with the image and region tokens spliced in (steps 1-2)."""
         assert self.llm is not None
         sam_tokens = None
         if self.seg_projector is not None and sam is not None:
@@ -247,10 +246,16 @@ class XSam(nn.Module):
             visual[int(s)] if s >= 0 and visual is not None else None for s in slot.tolist()
         ]
         regions = self._region_tokens(batch, slot, sam_tokens, generator)
-        spliced = splice_visual(
+        return splice_visual(
             batch.input_ids, batch.attention_mask, batch.labels, batch.cond_ids, batch.seg_ids,
             self.llm.get_input_embeddings(), per_image, regions,
         )
+
+    def _run_llm(
+        self, batch: Batch, images: Tensor, slot: Tensor, sam, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert self.llm is not None
+        spliced = self._splice(batch, images, slot, sam, generator)
         base = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else self.llm.base_model
         hidden = base(
             inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
@@ -305,13 +310,7 @@ class XSam(nn.Module):
         slot = torch.full((len(batch),), -1, dtype=torch.long, device=batch.has_image.device)
         slot[images] = torch.arange(len(images), device=slot.device)
         sam = self.seg_encoder(batch.seg_pixel_values[images]) if self.seg_encoder is not None and len(images) else None
-        sam_tokens = self.seg_projector(sam.tokens_state) if self.seg_projector is not None and sam is not None else None
-        visual = self.image_tokens(batch, images, sam_tokens) if len(images) else None
-        per_image = [visual[int(s)] if s >= 0 and visual is not None else None for s in slot.tolist()]
-        spliced = splice_visual(
-            batch.input_ids, batch.attention_mask, batch.labels, batch.cond_ids, batch.seg_ids,
-            self.llm.get_input_embeddings(), per_image, self._region_tokens(batch, slot, sam_tokens, generator),
-        )
+        spliced = self._splice(batch, images, slot, sam, generator)
         if not bool(spliced.attention_mask.all()):
             # right padding would put the continuation after pad positions; generation takes left padding
             raise ValueError("XSam.generate takes samples of equal spliced length (one prompt, or same-length prompts)")
