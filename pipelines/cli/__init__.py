@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.cli import data, model
+from pipelines.cli import data, model, train
 
 app = typer.Typer(
     name="xsam",
@@ -16,6 +16,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(model.app, name="model")
 app.command("predict")(model.predict)
 app.command("import-official")(model.import_official)
+app.command("train")(train.train)
 
 
 def main(argv: list[str] | None = None) -> None:

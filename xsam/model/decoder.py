@@ -70,7 +70,7 @@ def decoder_config(**overrides: Any) -> Mask2FormerConfig:
     return Mask2FormerConfig(**values)
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True)  # no slots: DeepSpeed ZeRO-3's post-forward hook reads module outputs with vars()
 class MaskDecoderOutput:
     """Per-layer decoder predictions, auxiliary layers first and the final layer last (spec §3 "Mask decoder").
 
@@ -296,7 +296,8 @@ class ClassHead(nn.Module):
             raise ValueError(f"ClassHead: clamp={clamp} must be positive")
         self.clamp = clamp
         self.pad_logit = pad_logit
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / 0.07)))
+        # shape [1] as the paper branch's `segmentor.logit_scale` (and DeepSpeed cannot broadcast 0-d parameters)
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / 0.07)]))
         self.bg_embed = nn.Parameter(torch.randn(1, hidden_dim))
 
     def forward(self, query_embeddings: Tensor, condition_embeddings: Tensor, condition_mask: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ drops frozen towers, so the stage-2 file holds only the two projectors; stage 1 
 Layout differences handled here:
 - SigLIP: the official code ran transformers 4.x, whose `SiglipVisionModel` wraps the tower in `.vision_model`;
   transformers 5 (ours) stores it flat. `visual_encoder.vision_model.X` -> `vision_encoder.model.X`.
-- `segmentor.logit_scale` is a [1] Parameter (x_segmentor.py:119); our `ClassHead.logit_scale` is a 0-d scalar.
+- `segmentor.logit_scale` is a [1] Parameter (x_segmentor.py:119), as our `ClassHead.logit_scale`.
 - `bg_embeds` is an `nn.Embedding(1, 256)` (xsam.py:170): its `.weight` [1, 256] is our `class_head.bg_embed`.
 - The conv connector's convolutions have no bias: `ConnectorConfig(bias=False)` (configuration_connector.py:10) and
   `XSamModel` never passes `bias` (xsam.py:151-157). Our `SegConnector` convs do, so those biases are
@@ -42,7 +42,6 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -60,13 +59,11 @@ class KeyRule:
         official: template of the released key.
         ours: template of our key.
         source: the paper-branch file and line that define the official name.
-        layout: "same" copies the tensor; "scalar" turns the official [1] tensor into our 0-d scalar.
     """
 
     official: str
     ours: str
     source: str
-    layout: Literal["same", "scalar"] = "same"
 
 
 # Ordered; the first matching rule wins. Paths are relative to the AAAI26_Archive branch root.
@@ -94,8 +91,7 @@ RULES: tuple[KeyRule, ...] = (
     KeyRule("segmentor.decoder.{rest}", "decoder.transformer_module.{rest}",
             "xsam/xsam/model/segmentors/x_segmentor.py:66"),
     # Open-vocabulary head: learnable temperature, a [1] Parameter (x_segmentor.py:119).
-    KeyRule("segmentor.logit_scale", "class_head.logit_scale", "xsam/xsam/model/segmentors/x_segmentor.py:119",
-            layout="scalar"),
+    KeyRule("segmentor.logit_scale", "class_head.logit_scale", "xsam/xsam/model/segmentors/x_segmentor.py:119"),
     # Stage-1 closed-set head: Linear(hidden, 133 + 1) (x_segmentor.py:115, `close_cls=True` in the S1 config).
     KeyRule("segmentor.class_predictor.{param}", "class_head.linear.{param}",
             "xsam/xsam/model/segmentors/x_segmentor.py:115"),
@@ -213,12 +209,7 @@ def convert_official_state_dict(state: Mapping[str, Tensor], expected_keys: Coll
         if found is None or found[1] not in expected:
             report.unmatched_official.append(key)
             continue
-        rule, target = found
-        if rule.layout == "scalar":
-            if tensor.numel() != 1:
-                raise ValueError(f"official key {key!r}: expected a single value for {target!r}, "
-                                 f"got shape {tuple(tensor.shape)}")
-            tensor = tensor.reshape(())
+        _, target = found
         report.state[target] = tensor
     for key in sorted(expected - report.state.keys()):
         match = _CONNECTOR_CONV_BIAS.fullmatch(key)

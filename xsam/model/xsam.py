@@ -291,7 +291,7 @@ class XSam(nn.Module):
         where = targets != IGNORE_INDEX
         count = int(where.sum())
         if count == 0:
-            return (hidden.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0), 0
+            return hidden.sum() * 0.0 + self._zero_touch(head), 0
         logits = head(hidden[:, :-1][where])  # [n, V]
         loss = nn.functional.cross_entropy(logits.float(), targets[where], reduction="mean")
         return loss, count
@@ -394,7 +394,11 @@ class XSam(nn.Module):
 
     @staticmethod
     def _zero_touch(*modules: nn.Module | None) -> Tensor:
-        terms = [p.sum() * 0.0 for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+        """0 * (sum of the trainable parameters of `modules`): they join the graph with zero gradients.
+        Parameters partitioned by ZeRO-3 (`ds_id`) are left out: outside their module's forward they
+        hold no data, and ZeRO-3 reduces whatever gradients exist."""
+        terms = [p.sum() * 0.0 for m in modules if m is not None for p in m.parameters()
+                 if p.requires_grad and not hasattr(p, "ds_id")]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     # ------------------------------------------------------------------ bookkeeping

@@ -1,0 +1,116 @@
+"""Training recipes (resolution, the paper's trainable sets and lr groups, DeepSpeed configs) and a real
+tiny training run: Ray Train workers with DeepSpeed ZeRO on the session's local Ray, CPU/gloo."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from jobs.recipe import RecipeError, deepspeed_config, resolve_recipe
+from jobs.train import lr_factor, plan_training
+
+RECIPES = REPO / "pipelines" / "recipes"
+
+
+def _recipe(name: str, *overrides: str):
+    return resolve_recipe(RECIPES / f"{name}.yaml", list(overrides), repo_root=REPO)
+
+
+@pytest.mark.parametrize("name", ["stage1", "stage2", "stage3", "tiny-stage1", "tiny-stage2", "tiny-stage3"])
+def test_every_recipe_resolves_and_plans(name) -> None:
+    plan = plan_training(_recipe(name))
+    assert plan.precision == "fp32"  # CPU
+    assert plan.deepspeed["train_batch_size"] == plan.recipe.mixture().batching.global_batch_size
+    assert sum(g["parameters"] for g in plan.lr_groups) == sum(c["trainable"] for c in plan.parts.values())
+
+
+def test_paper_recipes_follow_the_spec() -> None:
+    s1, s2, s3 = (plan_training(_recipe(n)) for n in ("stage1", "stage2", "stage3"))
+    # stage 1: the segmentor, SAM at lr x 0.1, step decay at epochs 24 and 30, clip 0.01, 64 = 4 x 16
+    assert set(s1.parts) == {"seg_encoder", "seg_connector", "decoder", "class_head"}
+    assert {g["name"]: (g["lr"], g["parts"]) for g in s1.lr_groups} == {
+        "lr_x0.1": (pytest.approx(1e-5), ["seg_encoder"]),
+        "lr_x1": (pytest.approx(1e-4), ["seg_connector", "decoder", "class_head"]),
+    }
+    assert s1.recipe.schedule.kind == "multistep" and s1.recipe.schedule.milestones == (24, 30)
+    assert s1.deepspeed["gradient_clipping"] == 0.01 and s1.recipe.train.epochs == 36
+    assert s1.recipe.data.preprocess["lsj"] is True
+    # stage 2: only the two projectors, no decoder; 256 = 4 x 16 x accumulation 4
+    assert [g["parts"] for g in s2.lr_groups] == [["visual_projector", "seg_projector"]]
+    assert "decoder" not in s2.parts and s2.deepspeed["gradient_accumulation_steps"] == 4
+    assert s2.lr_groups[0]["lr"] == pytest.approx(1e-3) and s2.lr_groups[0]["weight_decay"] == 0
+    # stage 3: everything, both encoders at lr x 0.1, the 11-source grouped mixture, ZeRO-2
+    groups = {g["name"]: g for g in s3.lr_groups}
+    assert sorted(groups["lr_x0.1"]["parts"]) == ["seg_encoder", "vision_encoder"]
+    assert groups["lr_x0.1"]["lr"] == pytest.approx(4e-6)
+    assert len(s3.recipe.mixture().sources) == 11 and s3.recipe.mixture().batching.mode == "source_grouped"
+    assert s3.deepspeed["zero_optimization"]["stage"] == 2
+    assert [i.include for i in s3.recipe.init] == [("seg_encoder", "seg_connector", "decoder"),
+                                                  ("visual_projector", "seg_projector")]
+
+
+def test_overrides_extends_and_errors(tmp_path: Path) -> None:
+    r = _recipe("tiny-stage3", "optimizer.lr=0.5", "deepspeed.zero_stage=3", "train.max_steps=2")
+    assert r.optimizer.lr == 0.5 and r.deepspeed.zero_stage == 3 and r.train.max_steps == 2
+    assert r.model == str(REPO / "configs" / "model" / "tiny.yaml")  # from _tiny.yaml, made absolute
+    assert deepspeed_config(r, world_size=2, precision="fp32")["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    with pytest.raises(RecipeError, match="optimizer.lrr: unknown key"):
+        _recipe("tiny-stage3", "optimizer.lrr=1")
+    with pytest.raises(RecipeError, match="not a multiple of micro_batch_size 1 x 3 workers"):
+        plan_training(_recipe("tiny-stage3"), world_size=3)
+    with pytest.raises(RecipeError, match="fp16 needs a GPU"):
+        plan_training(_recipe("tiny-stage3", "train.precision=fp16"))
+    loop = tmp_path / "a.yaml"
+    loop.write_text("extends: a.yaml\nname: x\n")
+    with pytest.raises(RecipeError, match="loops back"):
+        resolve_recipe(loop)
+
+
+def test_lr_schedule_shapes() -> None:
+    r = _recipe("stage3")
+    factors = [lr_factor(s, total_steps=100, steps_per_epoch=100, recipe=r) for s in range(100)]
+    assert factors[0] == pytest.approx(1e-5) and factors[3] == pytest.approx(1.0)  # 3 % warmup
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:])) and factors[-1] < 0.01
+    s1 = _recipe("stage1")
+    step = [lr_factor(s, total_steps=3600, steps_per_epoch=100, recipe=s1) for s in (500, 2450, 3050)]
+    assert step == [pytest.approx(1.0), pytest.approx(0.1), pytest.approx(0.01)]
+    assert math.isclose(lr_factor(0, total_steps=10, steps_per_epoch=10, recipe=_recipe("tiny-stage2")), 1e-5)
+
+
+def _tiny_world_recipe(task_world, *overrides: str):
+    """tiny-stage3 over the session's example datasets instead of data/quickstart."""
+    root = task_world["llava"].parent
+    sources = ("[{name: llava, path: llava, repeat: sqrt}, {name: refcoco, path: refcoco, repeat: sqrt}, "
+               "{name: reasonseg, path: reasonseg, repeat: sqrt}, {name: coco-vgd, path: coco-vgd, repeat: sqrt}]")
+    return _recipe("tiny-stage3", f"data.root={root}", f"data.mixture.sources={sources}", "data.num_workers=0",
+                   *overrides)
+
+
+@pytest.mark.parametrize("zero", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_tiny_stage_trains_with_deepspeed_on_two_workers(ray_session, task_world, tmp_path, zero) -> None:
+    from jobs.train import run_training
+
+    recipe = _tiny_world_recipe(task_world, f"deepspeed.zero_stage={zero}", "train.max_steps=4",
+                                "checkpoint.every_n_steps=2")
+    result = run_training(recipe, storage=tmp_path, name=f"tiny-z{zero}", world_size=2)
+    steps = [json.loads(line) for line in Path(result["log"]).read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, result["total_steps"] + 1))
+    assert all(math.isfinite(s["loss"]) and s["loss"] > 0 for s in steps)
+    checkpoint = Path(result["checkpoint"])
+    assert (checkpoint / "trainer.json").is_file()
+    assert json.loads((checkpoint / "trainer.json").read_text())["step"] == result["total_steps"]
+    assert {p.name for p in checkpoint.glob("loader-rank*.json")} == {"loader-rank0.json", "loader-rank1.json"}
+    assert (checkpoint / "state").is_dir()  # DeepSpeed's model/optimizer shards of every rank
+
+
+def test_train_cli_dry_run_json() -> None:
+    proc = run_cli("train", str(RECIPES / "stage2.yaml"), "--dry-run", "--json", "--num-workers", "8")
+    doc = json.loads(proc.stdout)
+    assert doc["deepspeed"]["gradient_accumulation_steps"] == 8  # 256 = 4 x 8 x 8
+    assert doc["total_steps"] is None and any("not here" in n for n in doc["notes"])
+    bad = run_cli("train", str(RECIPES / "stage2.yaml"), "--dry-run", "--set", "train.micro_batch_size=3", check=False)
+    assert bad.returncode == 2 and "not a multiple" in bad.stderr
