@@ -114,3 +114,18 @@ def test_train_cli_dry_run_json() -> None:
     assert doc["total_steps"] is None and any("not here" in n for n in doc["notes"])
     bad = run_cli("train", str(RECIPES / "stage2.yaml"), "--dry-run", "--set", "train.micro_batch_size=3", check=False)
     assert bad.returncode == 2 and "not a multiple" in bad.stderr
+
+
+@pytest.mark.slow
+def test_same_run_name_resumes_from_the_last_checkpoint(ray_session, task_world, tmp_path) -> None:
+    """A run stopped after its step-2 checkpoint and started again under the same name and storage
+    continues at step 3 (model, optimizer, scheduler, loader position restored), logging each step once."""
+    from jobs.train import run_training
+
+    first = _tiny_world_recipe(task_world, "train.max_steps=2", "checkpoint.every_n_steps=2")
+    run_training(first, storage=tmp_path, name="resumed", world_size=2)
+    second = _tiny_world_recipe(task_world, "train.max_steps=4", "checkpoint.every_n_steps=2")
+    result = run_training(second, storage=tmp_path, name="resumed", world_size=2)
+    steps = [json.loads(line)["step"] for line in Path(result["log"]).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert json.loads((Path(result["checkpoint"]) / "trainer.json").read_text())["step"] == 4
