@@ -106,8 +106,8 @@ def _run(recipe, *, storage: Path, name: str | None, world_size: int | None) -> 
     if steps:
         out_console.print(f"{len(steps)} steps logged; loss {steps[0]['loss']:.4f} at step {steps[0]['step']} -> "
                           f"{steps[-1]['loss']:.4f} at step {steps[-1]['step']}")
-    out_console.print(f"last checkpoint: {result['checkpoint']}")
-    out_console.print(f"step log: {result['log']}")
+    out_console.print(f"last checkpoint: {result['checkpoint']}", soft_wrap=True, markup=False)
+    out_console.print(f"step log: {result['log']}", soft_wrap=True, markup=False)
 
 
 def _cuda() -> bool:
