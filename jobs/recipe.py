@@ -206,6 +206,7 @@ def resolve_recipe(path: str | Path, overrides: list[str] = (), *, repo_root: Pa
     return recipe.model_copy(update={
         "model": absolute(recipe.model),
         "data": recipe.data.model_copy(update={"root": absolute(recipe.data.root)}),
+        "init": tuple(s.model_copy(update={"from_": absolute(s.from_)}) for s in recipe.init),
     })
 
 

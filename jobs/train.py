@@ -92,6 +92,12 @@ def plan_training(recipe: Recipe, *, world_size: int | None = None, cuda: bool =
     mixture: dict[str, Any] = {"sources": [s.model_dump(exclude_none=True) for s in spec.sources],
                                "batching": spec.batching.model_dump(), "seed": spec.seed}
     steps_per_epoch = total = warmup = None
+    for source in recipe.init:
+        if "://" in source.from_:
+            raise RecipeError(f"recipe {recipe.name}: init from {source.from_}: only local inference folders "
+                              "are supported so far (s3:// and runs:/ parents are not)")
+        if not (Path(source.from_) / "xsam.json").is_file():
+            notes.append(f"init parent {source.from_} is not here (an inference folder: xsam.json, model.safetensors)")
     missing = [s.path for s in spec.sources if "://" not in s.path and not (Path(s.path) / "manifest.parquet").is_file()]
     if missing:
         notes.append(f"{len(missing)} dataset folders are not here (first: {missing[0]}): no epoch plan; "
@@ -163,6 +169,14 @@ def _worker(config: dict[str, Any]) -> None:
     tokenizer = tokenizer_for(cfg) if "llm" in stage.components else None
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
     model = build_xsam(cfg, stage=recipe.stage, tokenizer=tokenizer)
+    if recipe.init:
+        from xsam.model.export import load_parents
+
+        report = load_parents(model, [(source.from_, source.include) for source in recipe.init])
+        if rank == 0:  # lineage: which parent gave which parts
+            (Path(config["log_dir"]) / "parents.json").write_text(json.dumps(
+                {"parents": [{"from": s.from_, "include": list(s.include)} for s in recipe.init],
+                 "tensors": report.to_dict()}, indent=2))
     optimizer = torch.optim.AdamW(
         param_groups(model, stage, lr=recipe.optimizer.lr, weight_decay=recipe.optimizer.weight_decay),
         betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
@@ -243,8 +257,9 @@ def run_training(recipe: Recipe, *, storage: str | Path, name: str | None = None
     cuda = torch.cuda.is_available()
     plan = plan_training(recipe, world_size=world_size, cuda=cuda,
                          bf16_supported=cuda and torch.cuda.is_bf16_supported())
-    if plan.total_steps is None:
-        raise RecipeError(f"recipe {recipe.name}: {'; '.join(plan.notes)}")
+    absent = [n for n in plan.notes if "is not here" in n and "tokenizer" not in n]
+    if plan.total_steps is None or absent:
+        raise RecipeError(f"recipe {recipe.name}: {'; '.join(absent or plan.notes)}")
     run_name = name or recipe.name
     log_dir = Path(storage) / run_name
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,30 @@ def test_same_run_name_resumes_from_the_last_checkpoint(ray_session, task_world,
     steps = [json.loads(line)["step"] for line in Path(result["log"]).read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert json.loads((Path(result["checkpoint"]) / "trainer.json").read_text())["step"] == 4
+
+
+@pytest.mark.slow
+def test_init_from_parent_folders(ray_session, task_world, tmp_path) -> None:
+    """`init:` takes the named parts from an inference folder before training (lineage in parents.json);
+    a parent that is not there stops the run before any worker starts."""
+    import torch
+
+    from jobs.train import run_training
+    from xsam.model.build import build_xsam
+    from xsam.model.config import load_model_config
+    from xsam.model.export import save_inference
+    from xsam.text import load_tokenizer
+
+    cfg = load_model_config(REPO / "configs" / "model" / "tiny.yaml")
+    torch.manual_seed(5)
+    parent = save_inference(build_xsam(cfg, stage="stage1", tokenizer=load_tokenizer(task_world["tokenizer"])), cfg,
+                            None, tmp_path / "stage1-parent", stage="stage1")
+    recipe = _tiny_world_recipe(task_world, "train.max_steps=1", "checkpoint.every_n_steps=1",
+                                f"init=[{{from: {parent}, include: [seg_encoder, decoder]}}]")
+    result = run_training(recipe, storage=tmp_path / "runs", name="with-parent", world_size=2)
+    parents = json.loads((Path(result["log"]).parent / "parents.json").read_text())
+    assert parents["parents"] == [{"from": str(parent), "include": ["seg_encoder", "decoder"]}]
+    assert parents["tensors"]["taken"][str(parent)] > 0
+    missing = _tiny_world_recipe(task_world, f"init=[{{from: {tmp_path / 'nowhere'}, include: [decoder]}}]")
+    with pytest.raises(RecipeError, match="nowhere"):
+        run_training(missing, storage=tmp_path / "runs", name="no-parent", world_size=2)

@@ -188,3 +188,58 @@ def load_inference(
         )
     model.to(device).eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, stage=stage, meta=meta, path=path)
+
+
+@dataclass(kw_only=True)
+class ParentReport:
+    """What `load_parents` took from where: {source: [our keys]}, and the trainable-free keys left as built."""
+
+    taken: dict[str, list[str]]
+    kept: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"taken": {k: len(v) for k, v in self.taken.items()}, "kept": len(self.kept)}
+
+
+def _covered(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def load_parents(model: XSam, parents: list[tuple[str | Path, tuple[str, ...]]]) -> ParentReport:
+    """Initialise `model` from several inference folders (spec §4: stage 3 takes the stage-1 segmentor
+    and the stage-2 projectors), each for the module prefixes it names. Strict: every tensor of the
+    model under a parent's prefixes must be in that parent with the same shape, a tensor the parent has
+    under those prefixes must exist in the model, and no two parents may cover the same tensor;
+    anything else is an `InferenceLayoutError` naming the parent and the keys. Tensors outside every
+    prefix keep what the model was built with (pretrained folders or random init)."""
+    from safetensors.torch import load_file
+
+    ours = model.state_dict()
+    owner: dict[str, str] = {}
+    taken: dict[str, list[str]] = {}
+    for source, prefixes in parents:
+        path = Path(source)
+        read_meta(path)
+        theirs = load_file(str(path / WEIGHTS))
+        wanted = sorted(k for k in ours if _covered(k, prefixes))
+        if not wanted:
+            raise InferenceLayoutError(f"{path}: include {list(prefixes)} matches none of the model's tensors")
+        offered = {k for k in theirs if _covered(k, prefixes)}
+        missing = [k for k in wanted if k not in theirs]
+        unexpected = sorted(offered - set(ours))
+        shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in wanted
+                  if k in theirs and theirs[k].shape != ours[k].shape]
+        twice = [f"{k} (also from {owner[k]})" for k in wanted if k in owner]
+        if missing or unexpected or shapes or twice:
+            parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                     f"shapes differ: {shapes[:5]}" if shapes else "", f"covered twice: {twice[:5]}" if twice else ""]
+            raise InferenceLayoutError(
+                f"parent {path} for {list(prefixes)}: " + "; ".join(p for p in parts if p)
+                + " (check `include`, or the stage and config the parent was trained with)"
+            )
+        with torch.no_grad():
+            for k in wanted:
+                ours[k].copy_(theirs[k])
+                owner[k] = str(path)
+        taken[str(path)] = wanted
+    return ParentReport(taken=taken, kept=sorted(set(ours) - set(owner)))

@@ -196,3 +196,32 @@ def test_gcg_generation_runs_for_real_and_is_greedy(saved) -> None:
     first = predictor.predict(data, "gcgseg")
     assert first.text and first.text == predictor.predict(data, "gcgseg").text
     assert first.image_size == (360, 640)
+
+
+def test_load_parents_takes_each_prefix_from_its_parent(saved, task_world, tmp_path) -> None:
+    from xsam.model.export import load_parents
+
+    model, cfg, out = saved
+    tok = load_tokenizer(task_world["tokenizer"])
+    torch.manual_seed(11)
+    stage1 = build_xsam(cfg, stage="stage1", tokenizer=tok)
+    stage1_dir = save_inference(stage1, cfg, None, tmp_path / "s1", stage="stage1")
+    torch.manual_seed(12)
+    fresh = build_xsam(cfg, tokenizer=tok)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    report = load_parents(fresh, [(stage1_dir, ("seg_encoder", "seg_connector", "decoder")),
+                                  (out, ("visual_projector", "seg_projector"))])
+    state = fresh.state_dict()
+    for k, v in stage1.state_dict().items():
+        if k.startswith(("seg_encoder.", "seg_connector.", "decoder.")):
+            assert torch.equal(state[k], v), k
+    assert torch.equal(state["visual_projector.layers.0.weight"], model.state_dict()["visual_projector.layers.0.weight"])
+    assert torch.equal(state["llm_projector.layers.0.weight"], before["llm_projector.layers.0.weight"])  # kept
+    assert report.to_dict()["taken"] == {str(stage1_dir): len(report.taken[str(stage1_dir)]),
+                                         str(out): len(report.taken[str(out)])}
+    with pytest.raises(InferenceLayoutError, match="missing"):  # a stage-1 folder has no LLM
+        load_parents(fresh, [(stage1_dir, ("llm",))])
+    with pytest.raises(InferenceLayoutError, match="covered twice"):
+        load_parents(fresh, [(stage1_dir, ("decoder",)), (out, ("decoder",))])
+    with pytest.raises(InferenceLayoutError, match=r"unexpected \['class_head.linear.bias'"):  # linear vs cosine
+        load_parents(fresh, [(stage1_dir, ("class_head",))])
