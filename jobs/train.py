@@ -231,7 +231,8 @@ def _worker(config: dict[str, Any]) -> None:
                     engine.save_checkpoint(folder, tag="state")
                     (Path(folder) / LOADER_STATE.format(rank=rank)).write_text(json.dumps(loader.state_dict()))
                     if rank == 0:
-                        (Path(folder) / TRAINER_STATE).write_text(json.dumps({"step": step}))
+                        (Path(folder) / TRAINER_STATE).write_text(json.dumps(
+                            {"step": step, "recipe": recipe.model_dump(mode="json", by_alias=True)}))
                     ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
             if last:
                 break
@@ -282,3 +283,45 @@ def run_training(recipe: Recipe, *, storage: str | Path, name: str | None = None
     result = trainer.fit()
     return {"checkpoint": result.checkpoint.path if result.checkpoint else None, "log": str(log_dir / "steps.jsonl"),
             "total_steps": plan.total_steps}
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """A training checkpoint (DeepSpeed ZeRO shards of every rank) -> the inference layout of
+    `xsam.model.export`: the fp32 weights are consolidated (`zero_to_fp32`), loaded strictly into the
+    checkpoint's stage model (its recipe is stored in the checkpoint) and written with the tokenizer
+    and the provenance (checkpoint, step, recipe name)."""
+    import json
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from xsam.model.build import build_xsam, tokenizer_for
+    from xsam.model.config import load_model_config
+    from xsam.model.export import save_inference
+
+    folder = Path(checkpoint)
+    state_file = folder / TRAINER_STATE
+    if not state_file.is_file() or not (folder / "state").is_dir():
+        raise RecipeError(f"{folder} is not an xsam training checkpoint ({TRAINER_STATE} and state/ expected); "
+                          "pass a checkpoint_* folder of a run")
+    meta = json.loads(state_file.read_text())
+    if "recipe" not in meta:
+        raise RecipeError(f"{state_file} holds no recipe (written by an older version); it cannot be exported")
+    recipe = Recipe.model_validate(meta["recipe"])
+    cfg = load_model_config(recipe.model)
+    tokenizer = tokenizer_for(cfg) if "llm" in cfg.stage(recipe.stage).components else None
+    model = build_xsam(cfg, stage=recipe.stage, pretrained=False, tokenizer=tokenizer)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="state")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # ZeRO checkpoints hold parameters only; persistent buffers keep their built values
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [k for k in missing if k not in buffers]
+    if missing or unexpected:
+        raise RecipeError(f"{folder}: the checkpoint does not fit the {recipe.stage} model of {recipe.model}: "
+                          f"missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
+    return save_inference(model, cfg, tokenizer, out, stage=recipe.stage, provenance={
+        "kind": "training-checkpoint", "checkpoint": str(folder.resolve()), "step": meta["step"],
+        "recipe": recipe.name,
+    })

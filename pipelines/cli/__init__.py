@@ -17,6 +17,7 @@ app.add_typer(model.app, name="model")
 app.command("predict")(model.predict)
 app.command("import-official")(model.import_official)
 app.command("train")(train.train)
+app.command("export")(train.export)
 
 
 def main(argv: list[str] | None = None) -> None:

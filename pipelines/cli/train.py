@@ -114,3 +114,22 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def export(
+    checkpoint: Path = typer.Argument(..., help="a training checkpoint folder (checkpoint_* of a run)"),
+    out: Path = typer.Option(..., "--out", help="new inference folder (safetensors + config + tokenizer)"),
+) -> None:
+    """Consolidate a training checkpoint (DeepSpeed ZeRO shards) into the inference layout that
+    `xsam predict` and evaluation read.
+
+    Example: xsam export runs/train/tiny-stage3/checkpoint_2026-11-29_21-08-30.564863 --out models/tiny-stage3
+    """
+    from jobs.recipe import RecipeError
+    from jobs.train import export_checkpoint
+
+    try:
+        written = export_checkpoint(checkpoint, out)
+    except (RecipeError, FileExistsError, FileNotFoundError) as err:
+        fail(str(err))
+    out_console.print(f"wrote {written}", soft_wrap=True, markup=False)

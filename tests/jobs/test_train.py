@@ -105,6 +105,18 @@ def test_tiny_stage_trains_with_deepspeed_on_two_workers(ray_session, task_world
     assert json.loads((checkpoint / "trainer.json").read_text())["step"] == result["total_steps"]
     assert {p.name for p in checkpoint.glob("loader-rank*.json")} == {"loader-rank0.json", "loader-rank1.json"}
     assert (checkpoint / "state").is_dir()  # DeepSpeed's model/optimizer shards of every rank
+    # the checkpoint consolidates into the inference layout, which loads and predicts
+    from jobs.train import export_checkpoint
+    from xsam.model.export import load_inference
+
+    exported = export_checkpoint(checkpoint, tmp_path / f"exported-z{zero}")
+    loaded = load_inference(exported)
+    assert loaded.meta["provenance"]["step"] == result["total_steps"] and loaded.stage == "stage3"
+    if zero == 2:
+        proc = run_cli("predict", "--model", recipe.model, "--checkpoint", str(exported), "--image",
+                       str(REPO / "examples/corpora/coco_panoptic/val2017/000000439180.jpg"), "--task", "refseg",
+                       "--prompt", "a horse", "--out", str(tmp_path / "p.png"))
+        assert "a horse: score" in proc.stdout
 
 
 def test_train_cli_dry_run_json() -> None:
