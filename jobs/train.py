@@ -51,7 +51,7 @@ def _model_summary(recipe: Recipe) -> tuple[dict[str, dict[str, int]], list[dict
     """Build the stage's model on the meta device: per-part counts and the optimizer's lr groups."""
     import torch
 
-    from xsam.model.build import build_xsam, count_parameters, param_groups, tokenizer_for
+    from xsam.model.build import available_tokenizer, build_xsam, count_parameters, param_groups
     from xsam.model.config import ModelConfigError, load_model_config
 
     notes: list[str] = []
@@ -60,13 +60,10 @@ def _model_summary(recipe: Recipe) -> tuple[dict[str, dict[str, int]], list[dict
         stage = cfg.stage(recipe.stage)
     except ModelConfigError as err:
         raise RecipeError(f"recipe {recipe.name}: model: {err}") from None
-    tokenizer = None
-    if "llm" in stage.components:
-        folder = cfg.llm.tokenizer or cfg.llm.pretrained
-        if folder is None or Path(folder).is_dir():
-            tokenizer = tokenizer_for(cfg)
-        else:
-            notes.append(f"tokenizer folder {folder} is not here: the LLM's vocabulary is the config's")
+    tokenizer = available_tokenizer(cfg) if "llm" in stage.components else None
+    if "llm" in stage.components and tokenizer is None:
+        notes.append(f"tokenizer folder {cfg.llm.tokenizer or cfg.llm.pretrained} is not here: "
+                     "the LLM's vocabulary is the config's")
     with torch.device("meta"):
         model = build_xsam(cfg, stage=recipe.stage, pretrained=False, tokenizer=tokenizer,
                            resize_embeddings=tokenizer is not None)
@@ -154,7 +151,6 @@ def _worker(config: dict[str, Any]) -> None:
     from xsam.data.builder import XSamBuilder
     from xsam.data.loader import StreamLoader
     from xsam.data.render import RenderOptions
-    from xsam.data.transforms import PreprocessConfig
     from xsam.model.build import build_xsam, param_groups, tokenizer_for
     from xsam.model.config import load_model_config
 
@@ -166,7 +162,7 @@ def _worker(config: dict[str, Any]) -> None:
     torch.manual_seed(recipe.train.seed + rank)
     cfg = load_model_config(recipe.model)
     stage = cfg.stage(recipe.stage)
-    tokenizer = tokenizer_for(cfg) if "llm" in stage.components else None
+    tokenizer = tokenizer_for(cfg)  # the builder encodes text in every stage; build_xsam uses it for the LLM only
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
     model = build_xsam(cfg, stage=recipe.stage, tokenizer=tokenizer)
     if recipe.init:
@@ -189,11 +185,9 @@ def _worker(config: dict[str, Any]) -> None:
                                            config=config["deepspeed"])
 
     spec = recipe.mixture()
-    merged = {**cfg.preprocess, **recipe.data.preprocess}
-    preprocess = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
     builder = XSamBuilder(
-        tokenizer=tokenizer.name_or_path if tokenizer is not None else _tokenizer_dir(cfg),
-        chat_format=cfg.llm.chat_format, max_length=cfg.llm.max_length, preprocess=preprocess,
+        tokenizer=tokenizer.name_or_path, chat_format=cfg.llm.chat_format, max_length=cfg.llm.max_length,
+        preprocess=cfg.preprocess_config(recipe.data.preprocess),
         render=RenderOptions(**recipe.data.render), seed=spec.seed, micro_batch_size=recipe.train.micro_batch_size,
     )
     loader = StreamLoader(spec, world_size=world, rank=rank, num_workers=recipe.data.num_workers,
@@ -236,12 +230,6 @@ def _worker(config: dict[str, Any]) -> None:
                     ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder))
             if last:
                 break
-
-
-def _tokenizer_dir(cfg) -> str:
-    from xsam.model.build import tokenizer_for
-
-    return tokenizer_for(cfg).name_or_path
 
 
 # ------------------------------------------------------------------------------------------ driver

@@ -30,16 +30,6 @@ def _config(path: Path):
     raise AssertionError("unreachable")
 
 
-def _summary_tokenizer(cfg):
-    """The config's tokenizer when it can be had offline (a local folder, or the tiny one), else None."""
-    from xsam.model.build import tokenizer_for
-
-    folder = cfg.llm.tokenizer or cfg.llm.pretrained
-    if folder is not None and not Path(folder).is_dir():
-        return None
-    return tokenizer_for(cfg)
-
-
 @app.command("summary")
 def summary(
     config: Path = typer.Option(..., "--config", help="model config YAML, e.g. configs/model/xsam-paper.yaml"),
@@ -52,10 +42,10 @@ def summary(
     """
     import torch
 
-    from xsam.model.build import build_xsam, count_parameters
+    from xsam.model.build import available_tokenizer, build_xsam, count_parameters
 
     cfg = _config(config)
-    tokenizer = _summary_tokenizer(cfg) if any("llm" in s.components for s in cfg.stages.values()) else None
+    tokenizer = available_tokenizer(cfg) if any("llm" in s.components for s in cfg.stages.values()) else None
     per_stage = {}
     for name in cfg.stages:
         with torch.device("meta"):

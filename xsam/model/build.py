@@ -58,6 +58,15 @@ def tokenizer_for(config: XSamConfig) -> PreTrainedTokenizerBase:
     return load_tokenizer(folder)
 
 
+def available_tokenizer(config: XSamConfig) -> PreTrainedTokenizerBase | None:
+    """`tokenizer_for(config)` when the tokenizer can be had here (its folder exists, or none is named:
+    the tiny one), else None (a meta-device count of a config whose folders live on another machine)."""
+    folder = config.llm.tokenizer or config.llm.pretrained
+    if folder is not None and not Path(folder).is_dir():
+        return None
+    return tokenizer_for(config)
+
+
 def _llm(config: XSamConfig, pretrained: bool, tokenizer: PreTrainedTokenizerBase | None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -222,4 +231,4 @@ def count_parameters(model: nn.Module) -> dict[str, dict[str, int]]:
     return out
 
 
-__all__ = ["COMPONENTS", "apply_stage", "build_xsam", "count_parameters", "param_groups", "tokenizer_for"]
+__all__ = ["COMPONENTS", "apply_stage", "available_tokenizer", "build_xsam", "count_parameters", "param_groups", "tokenizer_for"]

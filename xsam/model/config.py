@@ -248,10 +248,12 @@ class XSamConfig(_Strict):
             raise ModelConfigError(f"unknown stage {name!r}; this config has {sorted(self.stages)}")
         return self.stages[name]
 
-    def preprocess_config(self) -> Any:
+    def preprocess_config(self, overrides: dict[str, Any] | None = None) -> Any:
+        """The `PreprocessConfig` of `preprocess`, with `overrides` (a recipe's, e.g. stage 1's lsj) on top."""
         from xsam.data.transforms import PreprocessConfig
 
-        return PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.preprocess.items()})
+        values = {**self.preprocess, **(overrides or {})}
+        return PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def resolved(self, base: Path) -> XSamConfig:
         """A copy whose relative `pretrained` / `tokenizer` paths are absolute against `base`."""

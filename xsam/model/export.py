@@ -15,7 +15,6 @@ layout. Loading never unpickles anything: safetensors + YAML (`safe_load`) + JSO
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
+from xsam.data.storage import sha256_file
 from xsam.model.build import build_xsam, count_parameters
 from xsam.model.config import XSamConfig, load_model_config
 from xsam.model.xsam import XSam
@@ -88,11 +88,8 @@ def resolved_config(model: XSam, config: XSamConfig) -> XSamConfig:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_file(f)
 
 
 def save_inference(

@@ -27,6 +27,7 @@ This module imports neither Ray, DeepSpeed nor MLflow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -158,10 +159,7 @@ class XSam(nn.Module):
             num_masks: the mask-loss normaliser; a data-parallel trainer passes the number of target
                 masks averaged over ranks (Mask2Former all-reduces it). Default: this batch's count.
         """
-        images = batch.has_image.nonzero().squeeze(1)
-        slot = torch.full((len(batch),), -1, dtype=torch.long, device=batch.has_image.device)
-        slot[images] = torch.arange(len(images), device=slot.device)
-        sam = self.seg_encoder(batch.seg_pixel_values[images]) if self.seg_encoder is not None and len(images) else None
+        images, slot, sam = self._encode_images(batch)
         losses: dict[str, Tensor] = {}
         out = XSamOutput(loss=None, losses=losses)
 
@@ -224,6 +222,15 @@ class XSam(nn.Module):
             losses["loss"] = total
             out.loss = total
         return out
+
+    def _encode_images(self, batch: Batch) -> tuple[Tensor, Tensor, Any]:
+        """The batch rows with an image, each row's index among them (-1: none), and SAM's states of
+        those images (None without a SAM encoder or an image)."""
+        images = batch.has_image.nonzero().squeeze(1)
+        slot = torch.full((len(batch),), -1, dtype=torch.long, device=batch.has_image.device)
+        slot[images] = torch.arange(len(images), device=slot.device)
+        sam = self.seg_encoder(batch.seg_pixel_values[images]) if self.seg_encoder is not None and len(images) else None
+        return images, slot, sam
 
     # ------------------------------------------------------------------ LLM side
 
@@ -306,10 +313,7 @@ class XSam(nn.Module):
         (padded with `pad_token_id` after EOS). GCG generates its caption this way (spec §1.3)."""
         if self.llm is None:
             raise ValueError("XSam.generate needs the LLM (stage 2 or 3)")
-        images = batch.has_image.nonzero().squeeze(1)
-        slot = torch.full((len(batch),), -1, dtype=torch.long, device=batch.has_image.device)
-        slot[images] = torch.arange(len(images), device=slot.device)
-        sam = self.seg_encoder(batch.seg_pixel_values[images]) if self.seg_encoder is not None and len(images) else None
+        images, slot, sam = self._encode_images(batch)
         spliced = self._splice(batch, images, slot, sam, generator)
         if not bool(spliced.attention_mask.all()):
             # right padding would put the continuation after pad positions; generation takes left padding
