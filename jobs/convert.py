@@ -15,8 +15,6 @@ storage, so a multi-node conversion needs no shared disk when the output is on S
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -199,22 +197,6 @@ def print_summary(console: Console, storage: Storage, outcome: ConvertOutcome) -
 
 def submit_job(address: str, argv: list[str], console: Console | None = None) -> int:
     """Submit `xsam data convert ARGV` as a Ray Job at a dashboard address and follow its logs."""
-    import asyncio
+    from jobs.submit import submit
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    console = console or Console(stderr=True)
-    client = JobSubmissionClient(address)
-    entrypoint = shlex.join(["xsam", "data", "convert", *argv])
-    job_id = client.submit_job(entrypoint=entrypoint)
-    console.print(f"submitted Ray job [bold]{job_id}[/] to {address}: {entrypoint}")
-
-    async def follow() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            sys.stdout.write(lines)
-            sys.stdout.flush()
-
-    asyncio.run(follow())
-    status = client.get_job_status(job_id)
-    console.print(f"Ray job {job_id}: {status}")
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    return submit(address, ["data", "convert", *argv], console)

@@ -24,9 +24,20 @@ def train(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="training workers (default: the recipe's)"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE over the recipe, e.g. optimizer.lr=1e-4"),
     as_json: bool = typer.Option(False, "--json", help="with --dry-run: print JSON"),
-    storage: Path = typer.Option(Path("runs/train"), "--storage", help="where runs and checkpoints go (local)"),
-    name: Optional[str] = typer.Option(None, "--name", help="run name (default: the recipe's name); the same "
-                                       "name and storage again continues that run from its last checkpoint"),
+    storage: str = typer.Option("runs/train", "--storage", help="where runs and checkpoints go: a folder or "
+                                "s3://bucket/prefix (endpoint: AWS_ENDPOINT_URL_S3)"),
+    name: Optional[str] = typer.Option(None, "--name", help="run name (default: the recipe's name)"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue the run of this name from its last "
+                                         "checkpoint (or start it); an MLflow run id: continue that run; a "
+                                         "checkpoint folder (local or s3://): a new run starting from it"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: HOST:PORT drives it from here; "
+                                          "http://HOST:8265 submits this command as a Ray Job and follows its logs"),
+    max_failures: int = typer.Option(0, "--max-failures", help="worker or node failures to recover from (from the "
+                                     "last checkpoint) before the run fails"),
+    tracking: bool = typer.Option(True, "--tracking/--no-tracking", help="track in MLflow (MLFLOW_TRACKING_URI; "
+                                  "default: ./mlruns.db)"),
+    parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id", envvar="XSAM_PARENT_RUN_ID",
+                                                help="MLflow run this stage belongs under (a pipeline's run)"),
 ) -> None:
     """Train one stage of X-SAM from a recipe.
 
@@ -41,7 +52,19 @@ def train(
     except (RecipeError, FileNotFoundError) as err:
         fail(str(err))
     if not dry_run:
-        _run(resolved, storage=storage, name=name, world_size=num_workers)
+        if address and address.startswith(("http://", "https://")):
+            from jobs.submit import submit_training
+
+            argv = ["--storage", storage, "--max-failures", str(max_failures)]
+            for flag, value in (("--name", name), ("--resume", resume), ("--num-workers", num_workers),
+                                ("--parent-run-id", parent_run_id)):
+                if value is not None:
+                    argv += [flag, str(value)]
+            if not tracking:
+                argv.append("--no-tracking")
+            raise typer.Exit(submit_training(address, resolved, argv, err_console))
+        _run(resolved, storage=storage, name=name, world_size=num_workers, resume=resume, address=address,
+             max_failures=max_failures, tracking=tracking, parent_run_id=parent_run_id)
         return
     doc = plan.to_dict()
     if as_json:
@@ -80,34 +103,45 @@ def train(
         err_console.print(f"note: {note}", markup=False)
 
 
-def _run(recipe, *, storage: Path, name: str | None, world_size: int | None) -> None:
-    """Train on an embedded local Ray (one per command), then print the step losses' ends."""
+def _run(recipe, *, storage: str, name: str | None, world_size: int | None, resume: str | None,
+         address: str | None, max_failures: int, tracking: bool, parent_run_id: str | None) -> None:
+    """Train on the Ray cluster at `address`, or on an embedded local Ray, then say where to look."""
     import os
 
     from jobs.recipe import RecipeError
+    from jobs.tracking import TrackingTarget
     from jobs.train import run_training
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray on loopback
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray on loopback
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     import ray
 
     workers = world_size or recipe.train.num_workers
     started = not ray.is_initialized()
-    if started:
+    if started and (address or os.environ.get("RAY_ADDRESS")):
+        ray.init(address=address, log_to_driver=True)
+    elif started:
         ray.init(num_cpus=max(workers + 1, os.cpu_count() or 1), include_dashboard=False, configure_logging=False)
+    target = TrackingTarget.from_environment(recipe.mlflow.experiment) if tracking else None
     try:
-        result = run_training(recipe, storage=storage, name=name, world_size=workers)
+        result = run_training(recipe, storage=storage, name=name, world_size=workers, resume=resume,
+                              max_failures=max_failures, tracking=target, parent_run_id=parent_run_id,
+                              log=lambda line: err_console.print(line, markup=False, soft_wrap=True))
     except RecipeError as err:
         fail(str(err))
     finally:
         if started:
             ray.shutdown()
-    steps = [json.loads(line) for line in Path(result["log"]).read_text().splitlines()]
+    steps = result.steps
     if steps:
-        out_console.print(f"{len(steps)} steps logged; loss {steps[0]['loss']:.4f} at step {steps[0]['step']} -> "
+        out_console.print(f"{len(steps)} steps; loss {steps[0]['loss']:.4f} at step {steps[0]['step']} -> "
                           f"{steps[-1]['loss']:.4f} at step {steps[-1]['step']}")
-    out_console.print(f"last checkpoint: {result['checkpoint']}", soft_wrap=True, markup=False)
-    out_console.print(f"step log: {result['log']}", soft_wrap=True, markup=False)
+    out_console.print(f"last checkpoint: {result.checkpoint}", soft_wrap=True, markup=False)
+    if result.mlflow_run_id:
+        out_console.print(f"MLflow run: {result.mlflow_run_id} at {result.tracking_uri}", soft_wrap=True, markup=False)
+    out_console.print(f"export for inference: xsam export {result.checkpoint} --out DIR", soft_wrap=True,
+                      markup=False)
 
 
 def _cuda() -> bool:
@@ -117,7 +151,7 @@ def _cuda() -> bool:
 
 
 def export(
-    checkpoint: Path = typer.Argument(..., help="a training checkpoint folder (checkpoint_* of a run)"),
+    checkpoint: str = typer.Argument(..., help="a training checkpoint folder (checkpoint_* of a run; local or s3://)"),
     out: Path = typer.Option(..., "--out", help="new inference folder (safetensors + config + tokenizer)"),
 ) -> None:
     """Consolidate a training checkpoint (DeepSpeed ZeRO shards) into the inference layout that

@@ -97,12 +97,12 @@ def test_tiny_stage_trains_with_deepspeed_on_two_workers(ray_session, task_world
     recipe = _tiny_world_recipe(task_world, f"deepspeed.zero_stage={zero}", "train.max_steps=4",
                                 "checkpoint.every_n_steps=2")
     result = run_training(recipe, storage=tmp_path, name=f"tiny-z{zero}", world_size=2)
-    steps = [json.loads(line) for line in Path(result["log"]).read_text().splitlines()]
-    assert [s["step"] for s in steps] == list(range(1, result["total_steps"] + 1))
+    steps = result.steps
+    assert [s["step"] for s in steps] == list(range(1, result.total_steps + 1))
     assert all(math.isfinite(s["loss"]) and s["loss"] > 0 for s in steps)
-    checkpoint = Path(result["checkpoint"])
+    checkpoint = Path(result.checkpoint)
     assert (checkpoint / "trainer.json").is_file()
-    assert json.loads((checkpoint / "trainer.json").read_text())["step"] == result["total_steps"]
+    assert json.loads((checkpoint / "trainer.json").read_text())["step"] == result.total_steps
     assert {p.name for p in checkpoint.glob("loader-rank*.json")} == {"loader-rank0.json", "loader-rank1.json"}
     assert (checkpoint / "state").is_dir()  # DeepSpeed's model/optimizer shards of every rank
     # the checkpoint consolidates into the inference layout, which loads and predicts
@@ -111,7 +111,7 @@ def test_tiny_stage_trains_with_deepspeed_on_two_workers(ray_session, task_world
 
     exported = export_checkpoint(checkpoint, tmp_path / f"exported-z{zero}")
     loaded = load_inference(exported)
-    assert loaded.meta["provenance"]["step"] == result["total_steps"] and loaded.stage == "stage3"
+    assert loaded.meta["provenance"]["step"] == result.total_steps and loaded.stage == "stage3"
     if zero == 2:
         proc = run_cli("predict", "--model", recipe.model, "--checkpoint", str(exported), "--image",
                        str(REPO / "examples/corpora/coco_panoptic/val2017/000000439180.jpg"), "--task", "refseg",
@@ -138,9 +138,8 @@ def test_same_run_name_resumes_from_the_last_checkpoint(ray_session, task_world,
     run_training(first, storage=tmp_path, name="resumed", world_size=2)
     second = _tiny_world_recipe(task_world, "train.max_steps=4", "checkpoint.every_n_steps=2")
     result = run_training(second, storage=tmp_path, name="resumed", world_size=2)
-    steps = [json.loads(line)["step"] for line in Path(result["log"]).read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
-    assert json.loads((Path(result["checkpoint"]) / "trainer.json").read_text())["step"] == 4
+    assert [s["step"] for s in result.steps] == [1, 2, 3, 4]
+    assert json.loads((Path(result.checkpoint) / "trainer.json").read_text())["step"] == 4
 
 
 @pytest.mark.slow
@@ -162,7 +161,7 @@ def test_init_from_parent_folders(ray_session, task_world, tmp_path) -> None:
     recipe = _tiny_world_recipe(task_world, "train.max_steps=1", "checkpoint.every_n_steps=1",
                                 f"init=[{{from: {parent}, include: [seg_encoder, decoder]}}]")
     result = run_training(recipe, storage=tmp_path / "runs", name="with-parent", world_size=2)
-    parents = json.loads((Path(result["log"]).parent / "parents.json").read_text())
+    parents = json.loads((Path(result.checkpoint) / "parents.json").read_text())
     assert parents["parents"] == [{"from": str(parent), "include": ["seg_encoder", "decoder"]}]
     assert parents["tensors"]["taken"][str(parent)] > 0
     missing = _tiny_world_recipe(task_world, f"init=[{{from: {tmp_path / 'nowhere'}, include: [decoder]}}]")
