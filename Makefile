@@ -9,7 +9,7 @@ CORPORA := examples/corpora
 QS := data/quickstart
 QSRUNS := runs/quickstart
 
-.PHONY: install quickstart test test-fast bench bench-loader clean-quickstart
+.PHONY: install quickstart test test-fast bench bench-loader bench-train clean-quickstart
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +42,16 @@ quickstart: install
 		--image $(CORPORA)/coco_panoptic/val2017/000000439180.jpg --task refseg \
 		--prompt "the horse on the left" --out $(QSRUNS)/predict-horse.png
 
-test: install
+# The test fixtures start a PostgreSQL-backed MLflow server: install PostgreSQL where it is missing.
+system-deps:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else \
+		echo "installing PostgreSQL (the tests' MLflow server store)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi
+
+test: install system-deps
 	$(VENV)/bin/pytest
 
-test-fast: install
+test-fast: install system-deps
 	$(VENV)/bin/pytest -m "not slow"
 
 bench: install
@@ -53,6 +59,9 @@ bench: install
 
 bench-loader: install
 	$(PY) benchmarks/loader.py
+
+bench-train: install
+	$(PY) benchmarks/train.py
 
 clean-quickstart:
 	rm -rf $(QS) $(QSRUNS)

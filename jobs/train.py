@@ -10,6 +10,7 @@ and the DeepSpeed config.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import posixpath
 import re
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.recipe import Recipe, RecipeError, batch_layout, deepspeed_config, resolve_precision
+
+log = logging.getLogger("xsam.train")
 
 
 @dataclass(kw_only=True)
@@ -316,6 +319,7 @@ def _worker(config: dict[str, Any]) -> None:
     import time
 
     import deepspeed
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -332,6 +336,8 @@ def _worker(config: dict[str, Any]) -> None:
     recipe = Recipe.model_validate(config["recipe"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    nodes: list[Any] = [None] * world  # which machine each rank runs on, kept in the checkpoints
+    dist.all_gather_object(nodes, ray.util.get_node_ip_address())
     tracker = None
     if rank == 0 and config.get("tracking"):
         tracking = config["tracking"]
@@ -344,8 +350,8 @@ def _worker(config: dict[str, Any]) -> None:
         load_from = folder
         if saved is not None and saved.get("world_size", world) != world:
             if rank == 0:
-                print(f"restoring a checkpoint of {saved['world_size']} workers on {world}: "
-                      "converting it to a universal checkpoint", flush=True)
+                log.info("restoring a checkpoint of %d workers on %d: converting it to a universal checkpoint",
+                         saved["world_size"], world)
             load_from = _to_universal(folder, stack)
             ds_config["checkpoint"] = {"load_universal": True}
 
@@ -411,11 +417,14 @@ def _worker(config: dict[str, Any]) -> None:
             if packed is None:
                 break
             batch = packed.to(device)
+            # asked before step(): afterwards DeepSpeed answers for the next micro-batch
+            boundary = engine.is_gradient_accumulation_boundary()
+            lr = max(scheduler.get_last_lr())  # the rate this step applies
             out = engine(batch, generator=torch.Generator(device).manual_seed(recipe.train.seed + step))
             engine.backward(out.loss)
             engine.step()
             stats.add(out.losses, len(batch), int(batch.attention_mask.sum()))
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 continue
             step += 1
             # the job-wide loss and throughput: one all-reduce of four numbers per optimizer step
@@ -426,7 +435,7 @@ def _worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 grad_norm = engine.get_global_grad_norm()
                 record = {
-                    "step": step, "loss": float(totals[0] / totals[1]), "lr": max(scheduler.get_last_lr()),
+                    "step": step, "loss": float(totals[0] / totals[1]), "lr": lr,
                     "epoch": loader.epoch, "samples_per_s": float(totals[2]) / elapsed,
                     "tokens_per_s": float(totals[3]) / elapsed, "step_s": elapsed, "data_wait_s": stats.data_wait,
                     "data_wait_share": stats.data_wait / elapsed,
@@ -436,9 +445,8 @@ def _worker(config: dict[str, Any]) -> None:
                     record["grad_norm"] = float(grad_norm)
                 history.append(record)
                 if step % recipe.train.log_every_n_steps == 0 or step == total:
-                    print(f"step {step}/{total} loss {record['loss']:.4f} lr {record['lr']:.3g} "
-                          f"{record['samples_per_s']:.2f} samples/s, data wait {record['data_wait_share']:.1%}",
-                          flush=True)
+                    log.info("step %d/%d loss %.4f lr %.3g, %.2f samples/s, data wait %.1f%%", step, total,
+                             record["loss"], record["lr"], record["samples_per_s"], 100 * record["data_wait_share"])
                 if tracker is not None:
                     metrics = {("train/" + k): v for k, v in record.items() if k not in ("step",)}
                     metrics.update(loader.metrics())
@@ -461,7 +469,8 @@ def _worker(config: dict[str, Any]) -> None:
                     (Path(tmp) / LOADER_STATE.format(rank=rank)).write_text(json.dumps(loader.state_dict()))
                     if rank == 0:
                         (Path(tmp) / TRAINER_STATE).write_text(json.dumps({
-                            "step": step, "world_size": world, "recipe": recipe.model_dump(mode="json", by_alias=True),
+                            "step": step, "world_size": world, "nodes": nodes,
+                            "recipe": recipe.model_dump(mode="json", by_alias=True),
                             "mlflow_run_id": (config.get("tracking") or {}).get("run_id"),
                         }))
                         (Path(tmp) / STEPS).write_text("".join(json.dumps(r) + "\n" for r in history))

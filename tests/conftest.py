@@ -133,3 +133,30 @@ def task_world(corpora, tmp_path_factory) -> dict[str, Path]:
     from builders import build_task_world
 
     return build_task_world(corpora, tmp_path_factory.mktemp("task-world"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real MLflow tracking server on loopback (SQLite store, artifacts proxied to its temp dir);
+    tests pass its `uri` explicitly: MLFLOW_TRACKING_URI is left alone."""
+    from mlflowserver import LocalMlflowServer
+
+    server = LocalMlflowServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_postgres():
+    """The same with a PostgreSQL store, which enforces MLflow's column lengths as SQLite does not."""
+    from mlflowserver import LocalMlflowServer
+
+    server = LocalMlflowServer(backend="postgresql")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
