@@ -97,6 +97,8 @@ class TrainPart(_Strict):
                                  "GPUs, fp32 on CPU")
     seed: int = 1024
     log_every_n_steps: int = Field(default=1, ge=1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="how Ray places the workers on nodes (Ray Train's ScalingConfig)")
 
 
 class DeepSpeedPart(_Strict):

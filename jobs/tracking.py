@@ -7,13 +7,13 @@ with backoff, and the job is told once (a warning naming the server, without cre
 server answers again everything queued is sent, in order, once. `close(timeout)` waits for the queue
 to drain and says how much could not be sent.
 
-What is sent never carries secrets: URIs are shown without their user info (`redact_uri`), and
-`check_no_secrets` refuses a params/tags mapping that holds the value of a credential variable of
-the environment (AWS_*, MLFLOW_TRACKING_PASSWORD/TOKEN ...).
+What is sent never carries secrets: URIs are shown without their user info (`redact_uri`), and a
+param or tag holding the value of a credential variable of the environment (AWS_*,
+MLFLOW_TRACKING_PASSWORD/TOKEN ...) is sent with that value replaced by `***` (`scrub`).
 
 Where the tracking server is (the standard variables):
 - `MLFLOW_TRACKING_URI`; unset: the embedded default, a SQLite file `./mlruns.db` with artifacts
-  under `./mlartifacts` (`xsam ui` serves them; issue 8's default);
+  under `./mlartifacts`;
 - `MLFLOW_EXPERIMENT_NAME`; unset: the recipe's `mlflow.experiment`.
 """
 
@@ -58,13 +58,19 @@ def secret_values() -> list[str]:
     return [v for k in SECRET_VARIABLES if len(v := os.environ.get(k, "")) >= 4]
 
 
-def check_no_secrets(mapping: dict[str, Any], what: str) -> None:
-    """Refuse to send a mapping holding the value of a credential variable of this environment."""
+def scrub(mapping: dict[str, Any], what: str) -> dict[str, str]:
+    """`mapping` as strings, with the value of any credential variable of this environment replaced
+    by `***` (and a warning naming the key, never the value)."""
     secrets = secret_values()
+    out = {}
     for key, value in mapping.items():
-        text = f"{key}={value}"
-        if any(s in text for s in secrets):
-            raise ValueError(f"{what} {key!r} holds the value of a credential variable; it is not sent to MLflow")
+        text = str(value)
+        if any(s in text or s in key for s in secrets):
+            log.warning("MLflow %s %r held the value of a credential variable: sent as ***", what, key)
+            text = redact_text(text)
+            key = redact_text(key)
+        out[key] = text
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,8 +164,7 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = {k: str(v) for k, v in params.items()}
-        check_no_secrets(flat, "param")
+        flat = scrub(params, "param")
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), 100):  # MLflow's log_batch limit on params
             self._put("params", items[i:i + 100])
@@ -167,8 +172,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        flat = {k: str(v) for k, v in tags.items()}
-        check_no_secrets(flat, "tag")
+        flat = scrub(tags, "tag")
         self._put("tags", [RunTag(k, v) for k, v in flat.items()])
 
     def log_inputs(self, datasets: list[Any]) -> None:
@@ -337,8 +341,7 @@ def start_run(target: TrackingTarget, *, run_name: str, tags: dict[str, str], ru
                 client.update_run(run_id, status="RUNNING")
                 return run_id
             experiment = ensure_experiment(client, target)
-            check_no_secrets(tags, "tag")
-            return client.create_run(experiment, run_name=run_name, tags=tags).info.run_id
+            return client.create_run(experiment, run_name=run_name, tags=scrub(tags, "tag")).info.run_id
         except Exception as exc:
             if _permanent(exc):
                 raise

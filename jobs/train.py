@@ -97,11 +97,11 @@ def plan_training(recipe: Recipe, *, world_size: int | None = None, cuda: bool =
                                "batching": spec.batching.model_dump(), "seed": spec.seed}
     steps_per_epoch = total = warmup = None
     for source in recipe.init:
-        if "://" in source.from_:
-            raise RecipeError(f"recipe {recipe.name}: init from {source.from_}: only local inference folders "
-                              "are supported so far (s3:// and runs:/ parents are not)")
-        if not (Path(source.from_) / "xsam.json").is_file():
-            notes.append(f"init parent {source.from_} is not here (an inference folder: xsam.json, model.safetensors)")
+        if source.from_.startswith("runs:/"):
+            continue  # checked when the run starts, against the tracking server
+        if parent_kind(source.from_) is None:
+            notes.append(f"init parent {source.from_} is not here (an inference folder with xsam.json, or a "
+                         "training checkpoint with trainer.json)")
     missing = [s.path for s in spec.sources if "://" not in s.path and not (Path(s.path) / "manifest.parquet").is_file()]
     if missing:
         notes.append(f"{len(missing)} dataset folders are not here (first: {missing[0]}): no epoch plan; "
@@ -337,7 +337,9 @@ def _worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     nodes: list[Any] = [None] * world  # which machine each rank runs on, kept in the checkpoints
-    dist.all_gather_object(nodes, ray.util.get_node_ip_address())
+    node_id = ray.get_runtime_context().get_node_id()
+    address = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), node_id)
+    dist.all_gather_object(nodes, address)
     tracker = None
     if rank == 0 and config.get("tracking"):
         tracking = config["tracking"]
@@ -363,9 +365,14 @@ def _worker(config: dict[str, Any]) -> None:
         if recipe.init and saved is None:
             from xsam.model.export import load_parents
 
-            report = load_parents(model, [(source.from_, source.include) for source in recipe.init])
-            parents_doc = {"parents": [{"from": s.from_, "include": list(s.include)} for s in recipe.init],
-                           "tensors": report.to_dict()}
+            fetched = [fetch_parent(source.from_, Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                                    tracking_uri=config.get("tracking_uri")) for source in recipe.init]
+            report = load_parents(model, [(folder_, source.include) for (folder_, _), source in zip(fetched, recipe.init)])
+            named = {str(folder_): source.from_ for (folder_, _), source in zip(fetched, recipe.init)}
+            tensors = report.to_dict()
+            tensors["taken"] = {named[k]: v for k, v in tensors["taken"].items()}
+            parents_doc = {"parents": [{"from": s.from_, "include": list(s.include), "mlflow_run_id": run}
+                                       for s, (_, run) in zip(recipe.init, fetched)], "tensors": tensors}
         else:
             parents_doc = json.loads((folder / PARENTS).read_text()) if folder and (folder / PARENTS).is_file() else None
         if tracker is not None and parents_doc is not None and saved is None:
@@ -541,24 +548,83 @@ def resolve_resume(resume: str | None, *, store: RunStorage, run_name: str,
 
 
 def _lineage_tags(recipe: Recipe) -> dict[str, str]:
-    """Tags naming each init parent and, where the parent was exported from a tracked run, its run id."""
-    from xsam.model.export import read_meta
-
+    """Tags naming each init parent and, where the parent came from a tracked run, its run id."""
     tags: dict[str, str] = {}
     run_ids = []
     for i, source in enumerate(recipe.init):
         tags[f"xsam.init.{i}.from"] = source.from_
         tags[f"xsam.init.{i}.include"] = ",".join(source.include)
-        try:
-            run_id = read_meta(source.from_).get("provenance", {}).get("mlflow_run_id")
-        except (OSError, ValueError):
-            run_id = None
+        run_id = parent_run_id(source.from_)
         if run_id:
             tags[f"xsam.init.{i}.run_id"] = run_id
             run_ids.append(run_id)
     if run_ids:
         tags["xsam.parent_run_ids"] = ",".join(dict.fromkeys(run_ids))
     return tags
+
+
+# ------------------------------------------------------------------------------------------ parents
+
+
+def parent_kind(uri: str) -> str | None:
+    """"inference" (xsam.json), "checkpoint" (trainer.json) or None, for a local or s3:// folder."""
+    store = RunStorage.open(uri)
+    if store.exists(store.join("xsam.json")):
+        return "inference"
+    if store.exists(store.join(TRAINER_STATE)):
+        return "checkpoint"
+    return None
+
+
+def parent_run_id(uri: str) -> str | None:
+    """The MLflow run that produced a parent: `runs:/ID`, or the run id its xsam.json / trainer.json keeps."""
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/")[0] or None
+    kind = parent_kind(uri)
+    if kind is None:
+        return None
+    store = RunStorage.open(uri)
+    if kind == "inference":
+        meta = store.read_json(store.join("xsam.json")) or {}
+        return (meta.get("provenance") or {}).get("mlflow_run_id")
+    return (store.read_json(store.join(TRAINER_STATE)) or {}).get("mlflow_run_id")
+
+
+def fetch_parent(uri: str, into: Path, *, tracking_uri: str | None) -> tuple[Path, str | None]:
+    """A recipe's `init.from` -> (a local inference folder, the MLflow run that made it).
+
+    Local inference folders are used as they are; an s3:// inference folder is downloaded into
+    `into`; a training checkpoint (local or s3://) is consolidated there (`export_checkpoint`);
+    `runs:/RUN_ID` is that run's last checkpoint (its `xsam.checkpoint` tag)."""
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].split("/")[0]
+        if not tracking_uri:
+            raise RecipeError(f"init from {uri}: an MLflow parent needs MLFLOW_TRACKING_URI")
+        from mlflow import MlflowClient
+
+        try:
+            tags = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).data.tags
+        except Exception as exc:
+            raise RecipeError(f"init from {uri}: no such MLflow run ({exc})") from None
+        if not tags.get("xsam.checkpoint"):
+            raise RecipeError(f"init from {uri}: the run has no checkpoint (tag xsam.checkpoint): did it finish?")
+        folder, _ = fetch_parent(tags["xsam.checkpoint"], into, tracking_uri=tracking_uri)
+        return folder, run_id
+    kind = parent_kind(uri)
+    if kind is None:
+        raise RecipeError(f"init from {uri}: neither an inference folder (xsam.json) nor a training checkpoint "
+                          f"({TRAINER_STATE})")
+    run_id = parent_run_id(uri)
+    if kind == "checkpoint":
+        return export_checkpoint(uri, into / "parent"), run_id
+    if not uri.startswith("s3://"):
+        return Path(uri), run_id
+    from pyarrow import fs
+
+    store = RunStorage.open(uri)
+    fs.copy_files(store.path, str(into / "parent"), source_filesystem=store.fs,
+                  destination_filesystem=fs.LocalFileSystem())
+    return into / "parent", run_id
 
 
 def run_training(recipe: Recipe, *, storage: str | Path, name: str | None = None, world_size: int | None = None,
@@ -590,7 +656,8 @@ def run_training(recipe: Recipe, *, storage: str | Path, name: str | None = None
     run_id = tracker = None
     if tracking is not None:
         tags = {"xsam.run_name": run_name, "xsam.storage": store.url, "xsam.recipe": recipe.name,
-                "xsam.stage": recipe.stage, "xsam.precision": plan.precision, **_lineage_tags(recipe)}
+                "xsam.stage": recipe.stage, "xsam.precision": plan.precision,
+                **_lineage_tags(recipe)}
         if resume_from:
             tags["xsam.resumed_from"] = resume_from
         if parent_run_id:
@@ -619,10 +686,12 @@ def run_training(recipe: Recipe, *, storage: str | Path, name: str | None = None
             "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch, "storage": store.url,
             "resume_from": resume_from, "cache_dir": str(Path(tempfile.gettempdir()) / "xsam-shard-cache"),
             "tracking": {"uri": tracking.uri, "experiment": tracking.experiment, "run_id": run_id} if run_id else None,
+            "tracking_uri": tracking.uri if tracking else None,
         },
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
         scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=cuda,
-                                     resources_per_worker=None if cuda else {"CPU": 1}),
+                                     resources_per_worker=None if cuda else {"CPU": 1},
+                                     placement_strategy=recipe.train.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=store.path, storage_filesystem=store.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.keep_last),

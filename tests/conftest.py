@@ -1,8 +1,10 @@
-"""Shared fixtures: real corpora samples, one Ray instance per test session, a real S3 server.
+"""Shared fixtures: real corpora samples, one Ray instance per test session, a real S3 server,
+real MLflow tracking servers.
 
 Real components run on loopback: Ray is started once per session (every conversion test reuses
-it; sub-process CLI runs join it with `--address`), and S3 is moto's standalone server, reached over
-HTTP by the test process, the Ray workers and any sub-process alike.
+it; sub-process CLI runs join it with `--address`), S3 is moto's standalone server, reached over
+HTTP by the test process, the Ray workers and any sub-process alike, and MLflow is `mlflow server`
+with a SQLite or a PostgreSQL store (`mlflowserver.py`), started once per session when asked for.
 """
 
 from __future__ import annotations

@@ -90,39 +90,67 @@ def _tiny_world_recipe(task_world, *overrides: str):
                    *overrides)
 
 
-@pytest.mark.parametrize("zero", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_tiny_stage_trains_with_deepspeed_on_two_workers(ray_session, task_world, mlflow_postgres, tmp_path,
-                                                         zero) -> None:
-    """A tiny stage 3 on two Ray Train workers (DeepSpeed ZeRO-2 / ZeRO-3, gloo), tracked in MLflow
-    (PostgreSQL store); the checkpoint exports to the inference layout, which predicts."""
+LOSS_TOLERANCE = 1e-5  # relative, per step; measured differences are documented in docs/training.md
+REFERENCE = ("train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
+             "mlflow.predictions_every_n_steps=2")
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, task_world, mlflow_postgres, tmp_path_factory):
+    """One tracked tiny stage-3 run (2 workers, ZeRO-2, 4 steps, checkpoints at 2 and 4) that the tests
+    below check, resume, kill a copy of and take parents from."""
     from jobs.tracking import TrackingTarget
     from jobs.train import run_training
 
-    recipe = _tiny_world_recipe(task_world, f"deepspeed.zero_stage={zero}", "train.max_steps=4",
-                                "checkpoint.every_n_steps=2", "mlflow.predictions_every_n_steps=2")
-    tracking = TrackingTarget(uri=mlflow_postgres.uri, experiment=f"tiny-z{zero}")
-    result = run_training(recipe, storage=tmp_path, name=f"tiny-z{zero}", world_size=2, tracking=tracking)
-    _check_tracked_run(tracking, result, recipe, task_world)
+    storage = tmp_path_factory.mktemp("train-runs")
+    recipe = _tiny_world_recipe(task_world, *REFERENCE)
+    tracking = TrackingTarget(uri=mlflow_postgres.uri, experiment="tiny-reference")
+    result = run_training(recipe, storage=storage, name="reference", world_size=2, tracking=tracking)
+    step2 = next(str(p.parent) for p in (storage / "reference").glob("checkpoint_*/trainer.json")
+                 if json.loads(p.read_text())["step"] == 2)
+    return {"recipe": recipe, "result": result, "tracking": tracking, "storage": storage, "step2": step2,
+            "task_world": task_world}
+
+
+def _check_checkpoint_exports(result, recipe, out: Path, *, predict: bool) -> None:
+    """The last checkpoint holds every rank's state and consolidates into the inference layout, which
+    loads (and predicts)."""
+    from jobs.train import export_checkpoint
+    from xsam.model.export import load_inference
+
     steps = result.steps
     assert [s["step"] for s in steps] == list(range(1, result.total_steps + 1))
     assert all(math.isfinite(s["loss"]) and s["loss"] > 0 for s in steps)
     checkpoint = Path(result.checkpoint)
-    assert (checkpoint / "trainer.json").is_file()
     assert json.loads((checkpoint / "trainer.json").read_text())["step"] == result.total_steps
     assert {p.name for p in checkpoint.glob("loader-rank*.json")} == {"loader-rank0.json", "loader-rank1.json"}
     assert (checkpoint / "state").is_dir()  # DeepSpeed's model/optimizer shards of every rank
-    # the checkpoint consolidates into the inference layout, which loads and predicts
-    from jobs.train import export_checkpoint
-    from xsam.model.export import load_inference
-
-    exported = export_checkpoint(checkpoint, tmp_path / f"exported-z{zero}")
+    exported = export_checkpoint(checkpoint, out)
     loaded = load_inference(exported)
     assert loaded.meta["provenance"]["step"] == result.total_steps and loaded.stage == "stage3"
-    if zero == 2:
+    assert loaded.meta["provenance"]["mlflow_run_id"] == result.mlflow_run_id
+    if predict:
         proc = run_cli("predict", "--model", recipe.model, "--checkpoint", str(exported), "--image",
                        str(REPO / "examples/corpora/coco_panoptic/val2017/000000439180.jpg"), "--task", "refseg",
-                       "--prompt", "a horse", "--out", str(tmp_path / "p.png"))
+                       "--prompt", "a horse", "--out", str(out.parent / "p.png"))
         assert "a horse: score" in proc.stdout
+
+
+def test_tiny_stage_trains_with_zero2_tracked_in_mlflow(reference, task_world, tmp_path) -> None:
+    """A tiny stage 3 on two Ray Train workers (DeepSpeed ZeRO-2, gloo), tracked in MLflow (PostgreSQL
+    store); the checkpoint exports to the inference layout, which predicts."""
+    _check_tracked_run(reference["tracking"], reference["result"], reference["recipe"], task_world)
+    _check_checkpoint_exports(reference["result"], reference["recipe"], tmp_path / "exported", predict=True)
+
+
+@pytest.mark.slow
+def test_tiny_stage_trains_with_zero3(ray_session, task_world, tmp_path) -> None:
+    from jobs.train import run_training
+
+    recipe = _tiny_world_recipe(task_world, "deepspeed.zero_stage=3", "train.max_steps=2",
+                                "checkpoint.every_n_steps=2")
+    result = run_training(recipe, storage=tmp_path, name="tiny-z3", world_size=2)
+    _check_checkpoint_exports(result, recipe, tmp_path / "exported", predict=False)
 
 
 def _check_tracked_run(tracking, result, recipe, task_world) -> None:
@@ -173,24 +201,14 @@ def test_train_cli_dry_run_json() -> None:
 
 
 @pytest.mark.slow
-def test_same_run_name_resumes_from_the_last_checkpoint(ray_session, task_world, tmp_path) -> None:
-    """A run stopped after its step-2 checkpoint and started again under the same name and storage
-    continues at step 3 (model, optimizer, scheduler, loader position restored), logging each step once."""
-    from jobs.train import run_training
-
-    first = _tiny_world_recipe(task_world, "train.max_steps=2", "checkpoint.every_n_steps=2")
-    run_training(first, storage=tmp_path, name="resumed", world_size=2)
-    second = _tiny_world_recipe(task_world, "train.max_steps=4", "checkpoint.every_n_steps=2")
-    result = run_training(second, storage=tmp_path, name="resumed", world_size=2)
-    assert [s["step"] for s in result.steps] == [1, 2, 3, 4]
-    assert json.loads((Path(result.checkpoint) / "trainer.json").read_text())["step"] == 4
-
-
-@pytest.mark.slow
-def test_init_from_parent_folders(ray_session, task_world, tmp_path) -> None:
-    """`init:` takes the named parts from an inference folder before training (lineage in parents.json);
-    a parent that is not there stops the run before any worker starts."""
+def test_init_from_parents_on_s3_and_in_mlflow(reference, task_world, bucket, tmp_path) -> None:
+    """`init:` takes the named parts from each parent: an inference folder on S3, and `runs:/ID` (that
+    MLflow run's last training checkpoint, consolidated on the fly). Lineage: parents.json in every
+    checkpoint and as an MLflow artifact, the parents' run ids as tags. A parent that is not there
+    stops the run before any worker starts."""
+    import boto3
     import torch
+    from mlflow import MlflowClient
 
     from jobs.train import run_training
     from xsam.model.build import build_xsam
@@ -198,16 +216,28 @@ def test_init_from_parent_folders(ray_session, task_world, tmp_path) -> None:
     from xsam.model.export import save_inference
     from xsam.text import load_tokenizer
 
+    first, tracking = reference["result"], reference["tracking"]
     cfg = load_model_config(REPO / "configs" / "model" / "tiny.yaml")
     torch.manual_seed(5)
     parent = save_inference(build_xsam(cfg, stage="stage1", tokenizer=load_tokenizer(task_world["tokenizer"])), cfg,
                             None, tmp_path / "stage1-parent", stage="stage1")
-    recipe = _tiny_world_recipe(task_world, "train.max_steps=1", "checkpoint.every_n_steps=1",
-                                f"init=[{{from: {parent}, include: [seg_encoder, decoder]}}]")
-    result = run_training(recipe, storage=tmp_path / "runs", name="with-parent", world_size=2)
+    s3 = boto3.client("s3")
+    for path in parent.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"stage1-parent/{path.relative_to(parent)}")
+    init = (f"init=[{{from: 's3://{bucket}/stage1-parent', include: [seg_encoder, decoder]}}, "
+            f"{{from: 'runs:/{first.mlflow_run_id}', include: [visual_projector, llm_projector]}}]")
+    recipe = _tiny_world_recipe(task_world, "train.max_steps=1", "checkpoint.every_n_steps=1", init)
+    result = run_training(recipe, storage=tmp_path / "runs", name="with-parents", world_size=2, tracking=tracking)
     parents = json.loads((Path(result.checkpoint) / "parents.json").read_text())
-    assert parents["parents"] == [{"from": str(parent), "include": ["seg_encoder", "decoder"]}]
-    assert parents["tensors"]["taken"][str(parent)] > 0
+    assert [(p["from"], p["mlflow_run_id"]) for p in parents["parents"]] == [
+        (f"s3://{bucket}/stage1-parent", None), (f"runs:/{first.mlflow_run_id}", first.mlflow_run_id)]
+    assert set(parents["tensors"]["taken"]) == {f"s3://{bucket}/stage1-parent", f"runs:/{first.mlflow_run_id}"}
+    assert all(n > 0 for n in parents["tensors"]["taken"].values())
+    client = MlflowClient(tracking_uri=tracking.uri)
+    tags = client.get_run(result.mlflow_run_id).data.tags
+    assert tags["xsam.parent_run_ids"] == first.mlflow_run_id and tags["xsam.init.1.run_id"] == first.mlflow_run_id
+    assert "parents.json" in {f.path for f in client.list_artifacts(result.mlflow_run_id)}
     missing = _tiny_world_recipe(task_world, f"init=[{{from: {tmp_path / 'nowhere'}, include: [decoder]}}]")
     with pytest.raises(RecipeError, match="nowhere"):
         run_training(missing, storage=tmp_path / "runs", name="no-parent", world_size=2)
@@ -243,19 +273,16 @@ def _train_worker_pids() -> list[int]:
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_run_recovers_with_the_same_losses(ray_session, task_world, tmp_path) -> None:
+def test_worker_killed_mid_run_recovers_with_the_same_losses(reference, tmp_path) -> None:
     """SIGKILL one of two training workers after the first checkpoint: Ray Train restarts the group
-    from the last registered checkpoint (FailureConfig), and the loss curve equals an uninterrupted
-    run's step by step within LOSS_TOLERANCE (docs/training.md), each step logged once."""
+    from the last registered checkpoint (FailureConfig), and the loss curve equals the uninterrupted
+    reference run's step by step within LOSS_TOLERANCE, each step once."""
     import os
     import signal
     import time
 
-    from jobs.train import run_training
-
-    recipe = _tiny_world_recipe(task_world, "train.max_steps=6", "checkpoint.every_n_steps=2")
-    clean = run_training(recipe, storage=tmp_path, name="clean", world_size=2)
-    thread, box = _train_in_thread(recipe=recipe, storage=tmp_path, name="killed", world_size=2, max_failures=1)
+    thread, box = _train_in_thread(recipe=reference["recipe"], storage=tmp_path, name="killed", world_size=2,
+                                   max_failures=1)
     deadline = time.monotonic() + 300
     killed = None
     while killed is None and time.monotonic() < deadline and thread.is_alive():
@@ -269,38 +296,35 @@ def test_worker_killed_mid_run_recovers_with_the_same_losses(ray_session, task_w
     assert killed is not None, "no checkpoint appeared before the run ended"
     assert "error" not in box, box.get("error")
     recovered = box["result"]
-    assert [s["step"] for s in recovered.steps] == [1, 2, 3, 4, 5, 6]
+    clean = reference["result"]
+    assert [s["step"] for s in recovered.steps] == [1, 2, 3, 4]
     for a, b in zip(clean.steps, recovered.steps):
         assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_TOLERANCE), (a, b)
 
 
-LOSS_TOLERANCE = 1e-5  # relative, per step; measured differences are documented in docs/training.md
-
-
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_path_on_another_worker_count(ray_session, task_world, tmp_path) -> None:
+def test_resume_from_a_checkpoint_path_on_another_worker_count(reference, tmp_path) -> None:
     """`--resume PATH` starts a new run from a checkpoint folder (model, optimizer, scheduler, loader
-    position): from the step-2 checkpoint of a 2-worker run, on 2 workers the next steps' losses equal
-    the original run's; on 1 worker (a universal checkpoint, the same global batches) they agree within
-    float summation order. An existing run name without --resume, and a folder that is not a
-    checkpoint, are refused."""
+    position): from the reference's step-2 checkpoint, on 2 workers the next steps' losses equal the
+    reference's; on 1 worker (a universal checkpoint, the same global batches) they agree within float
+    summation order. `--resume auto` continues a finished run further; an existing run name without
+    --resume, and a folder that is not a checkpoint, are refused."""
     from jobs.train import run_training
 
-    recipe = _tiny_world_recipe(task_world, "train.max_steps=4", "checkpoint.every_n_steps=2",
-                                "checkpoint.keep_last=2")
-    full = run_training(recipe, storage=tmp_path, name="full", world_size=2)
-    step2 = next(str(p.parent) for p in (tmp_path / "full").glob("checkpoint_*/trainer.json")
-                 if json.loads(p.read_text())["step"] == 2)
+    recipe, full, storage = reference["recipe"], reference["result"], reference["storage"]
     with pytest.raises(RecipeError, match="already exists.*--resume auto"):
-        run_training(recipe, storage=tmp_path, name="full", world_size=2, resume=None)
+        run_training(recipe, storage=storage, name="reference", world_size=2, resume=None)
     with pytest.raises(RecipeError, match="not a checkpoint"):
         run_training(recipe, storage=tmp_path, name="nowhere", world_size=2, resume=str(tmp_path))
-    same = run_training(recipe, storage=tmp_path, name="from-step2", world_size=2, resume=step2)
+    same = run_training(recipe, storage=tmp_path, name="from-step2", world_size=2, resume=reference["step2"])
     assert [s["step"] for s in same.steps] == [1, 2, 3, 4]
     for a, b in zip(full.steps, same.steps):
         assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_TOLERANCE), (a, b)
-    one = run_training(recipe, storage=tmp_path, name="on-one-worker", world_size=1, resume=step2)
+    one = run_training(recipe, storage=tmp_path, name="on-one-worker", world_size=1, resume=reference["step2"])
     assert [s["step"] for s in one.steps] == [1, 2, 3, 4]
     for a, b in zip(full.steps, one.steps):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+    longer = _tiny_world_recipe(reference["task_world"], *REFERENCE, "train.max_steps=5")
+    more = run_training(longer, storage=tmp_path, name="from-step2", world_size=2, resume="auto")
+    assert [s["step"] for s in more.steps] == [1, 2, 3, 4, 5]
