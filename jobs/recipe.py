@@ -203,7 +203,8 @@ def resolve_recipe(path: str | Path, overrides: list[str] = (), *, repo_root: Pa
     base = (repo_root or Path.cwd()).resolve()
 
     def absolute(value: str) -> str:
-        return value if "://" in value or Path(value).is_absolute() else str(base / value)
+        uri = "://" in value or value.startswith("runs:/")
+        return value if uri or Path(value).is_absolute() else str(base / value)
 
     return recipe.model_copy(update={
         "model": absolute(recipe.model),

@@ -439,6 +439,7 @@ def _worker(config: dict[str, Any]) -> None:
                                   dtype=torch.float64, device=device)
             dist.all_reduce(totals)
             elapsed = time.perf_counter() - step_start
+            step_start = time.perf_counter()  # a step's time runs to the next step's end: saves and logging count
             if rank == 0:
                 grad_norm = engine.get_global_grad_norm()
                 record = {
@@ -484,7 +485,6 @@ def _worker(config: dict[str, Any]) -> None:
                         if parents_doc is not None:
                             (Path(tmp) / PARENTS).write_text(json.dumps(parents_doc, indent=2))
                     ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            step_start = time.perf_counter()
             if last:
                 break
     if tracker is not None:
@@ -622,6 +622,7 @@ def fetch_parent(uri: str, into: Path, *, tracking_uri: str | None) -> tuple[Pat
     from pyarrow import fs
 
     store = RunStorage.open(uri)
+    (into / "parent").mkdir(parents=True)
     fs.copy_files(store.path, str(into / "parent"), source_filesystem=store.fs,
                   destination_filesystem=fs.LocalFileSystem())
     return into / "parent", run_id

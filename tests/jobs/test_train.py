@@ -108,8 +108,7 @@ def reference(ray_session, task_world, mlflow_postgres, tmp_path_factory):
     result = run_training(recipe, storage=storage, name="reference", world_size=2, tracking=tracking)
     step2 = next(str(p.parent) for p in (storage / "reference").glob("checkpoint_*/trainer.json")
                  if json.loads(p.read_text())["step"] == 2)
-    return {"recipe": recipe, "result": result, "tracking": tracking, "storage": storage, "step2": step2,
-            "task_world": task_world}
+    return {"recipe": recipe, "result": result, "tracking": tracking, "storage": storage, "step2": step2}
 
 
 def _check_checkpoint_exports(result, recipe, out: Path, *, predict: bool) -> None:
@@ -141,16 +140,6 @@ def test_tiny_stage_trains_with_zero2_tracked_in_mlflow(reference, task_world, t
     store); the checkpoint exports to the inference layout, which predicts."""
     _check_tracked_run(reference["tracking"], reference["result"], reference["recipe"], task_world)
     _check_checkpoint_exports(reference["result"], reference["recipe"], tmp_path / "exported", predict=True)
-
-
-@pytest.mark.slow
-def test_tiny_stage_trains_with_zero3(ray_session, task_world, tmp_path) -> None:
-    from jobs.train import run_training
-
-    recipe = _tiny_world_recipe(task_world, "deepspeed.zero_stage=3", "train.max_steps=2",
-                                "checkpoint.every_n_steps=2")
-    result = run_training(recipe, storage=tmp_path, name="tiny-z3", world_size=2)
-    _check_checkpoint_exports(result, recipe, tmp_path / "exported", predict=False)
 
 
 def _check_tracked_run(tracking, result, recipe, task_world) -> None:
@@ -201,11 +190,11 @@ def test_train_cli_dry_run_json() -> None:
 
 
 @pytest.mark.slow
-def test_init_from_parents_on_s3_and_in_mlflow(reference, task_world, bucket, tmp_path) -> None:
-    """`init:` takes the named parts from each parent: an inference folder on S3, and `runs:/ID` (that
-    MLflow run's last training checkpoint, consolidated on the fly). Lineage: parents.json in every
-    checkpoint and as an MLflow artifact, the parents' run ids as tags. A parent that is not there
-    stops the run before any worker starts."""
+def test_zero3_run_initialised_from_parents_on_s3_and_in_mlflow(reference, task_world, bucket, tmp_path) -> None:
+    """A ZeRO-3 run whose `init:` takes the named parts from each parent: an inference folder on S3,
+    and `runs:/ID` (that MLflow run's last training checkpoint, consolidated on the fly). Lineage:
+    parents.json in every checkpoint and as an MLflow artifact, the parents' run ids as tags; the
+    ZeRO-3 checkpoint exports. A parent that is not there stops the run before any worker starts."""
     import boto3
     import torch
     from mlflow import MlflowClient
@@ -227,8 +216,10 @@ def test_init_from_parents_on_s3_and_in_mlflow(reference, task_world, bucket, tm
             s3.upload_file(str(path), bucket, f"stage1-parent/{path.relative_to(parent)}")
     init = (f"init=[{{from: 's3://{bucket}/stage1-parent', include: [seg_encoder, decoder]}}, "
             f"{{from: 'runs:/{first.mlflow_run_id}', include: [visual_projector, llm_projector]}}]")
-    recipe = _tiny_world_recipe(task_world, "train.max_steps=1", "checkpoint.every_n_steps=1", init)
+    recipe = _tiny_world_recipe(task_world, "train.max_steps=2", "checkpoint.every_n_steps=2", init,
+                                "deepspeed.zero_stage=3")
     result = run_training(recipe, storage=tmp_path / "runs", name="with-parents", world_size=2, tracking=tracking)
+    _check_checkpoint_exports(result, recipe, tmp_path / "exported", predict=False)  # ZeRO-3 shards consolidate
     parents = json.loads((Path(result.checkpoint) / "parents.json").read_text())
     assert [(p["from"], p["mlflow_run_id"]) for p in parents["parents"]] == [
         (f"s3://{bucket}/stage1-parent", None), (f"runs:/{first.mlflow_run_id}", first.mlflow_run_id)]
@@ -241,6 +232,12 @@ def test_init_from_parents_on_s3_and_in_mlflow(reference, task_world, bucket, tm
     missing = _tiny_world_recipe(task_world, f"init=[{{from: {tmp_path / 'nowhere'}, include: [decoder]}}]")
     with pytest.raises(RecipeError, match="nowhere"):
         run_training(missing, storage=tmp_path / "runs", name="no-parent", world_size=2)
+
+
+def _max_relative_difference(a: list[dict], b: list[dict]) -> float:
+    worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
+    print(f"max relative loss difference over {len(a)} steps: {worst:.2e}")  # shown with pytest -s
+    return worst
 
 
 def _train_in_thread(**kwargs):
@@ -298,8 +295,7 @@ def test_worker_killed_mid_run_recovers_with_the_same_losses(reference, tmp_path
     recovered = box["result"]
     clean = reference["result"]
     assert [s["step"] for s in recovered.steps] == [1, 2, 3, 4]
-    for a, b in zip(clean.steps, recovered.steps):
-        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_TOLERANCE), (a, b)
+    assert _max_relative_difference(clean.steps, recovered.steps) <= LOSS_TOLERANCE
 
 
 @pytest.mark.slow
@@ -307,8 +303,8 @@ def test_resume_from_a_checkpoint_path_on_another_worker_count(reference, tmp_pa
     """`--resume PATH` starts a new run from a checkpoint folder (model, optimizer, scheduler, loader
     position): from the reference's step-2 checkpoint, on 2 workers the next steps' losses equal the
     reference's; on 1 worker (a universal checkpoint, the same global batches) they agree within float
-    summation order. `--resume auto` continues a finished run further; an existing run name without
-    --resume, and a folder that is not a checkpoint, are refused."""
+    summation order. An existing run name without --resume, and a folder that is not a checkpoint, are
+    refused. (`--resume RUN_ID`, which continues a run in place, is in test_train_cluster.py.)"""
     from jobs.train import run_training
 
     recipe, full, storage = reference["recipe"], reference["result"], reference["storage"]
@@ -318,13 +314,8 @@ def test_resume_from_a_checkpoint_path_on_another_worker_count(reference, tmp_pa
         run_training(recipe, storage=tmp_path, name="nowhere", world_size=2, resume=str(tmp_path))
     same = run_training(recipe, storage=tmp_path, name="from-step2", world_size=2, resume=reference["step2"])
     assert [s["step"] for s in same.steps] == [1, 2, 3, 4]
-    for a, b in zip(full.steps, same.steps):
-        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_TOLERANCE), (a, b)
+    assert _max_relative_difference(full.steps, same.steps) <= LOSS_TOLERANCE
     one = run_training(recipe, storage=tmp_path, name="on-one-worker", world_size=1, resume=reference["step2"])
     assert [s["step"] for s in one.steps] == [1, 2, 3, 4]
-    for a, b in zip(full.steps, one.steps):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
-        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
-    longer = _tiny_world_recipe(reference["task_world"], *REFERENCE, "train.max_steps=5")
-    more = run_training(longer, storage=tmp_path, name="from-step2", world_size=2, resume="auto")
-    assert [s["step"] for s in more.steps] == [1, 2, 3, 4, 5]
+    assert _max_relative_difference(full.steps, one.steps) <= 1e-4
+    assert [s["lr"] for s in one.steps] == pytest.approx([s["lr"] for s in full.steps], rel=1e-9)
