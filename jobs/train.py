@@ -153,6 +153,7 @@ TRAINER_STATE = "trainer.json"
 STEPS = "steps.jsonl"
 PARENTS = "parents.json"
 RUN_STATE = "xsam-run.json"
+RNG_STATE = "rng-rank{rank}.json"
 STATE_TAG = "state"
 
 
@@ -230,6 +231,46 @@ class RunStorage:
 
 
 # ------------------------------------------------------------------------------------------ worker
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global random generators (torch CPU and CUDA, numpy, Python) as JSON, for the
+    checkpoints: whatever draws from them (dropout, a library's sampling) continues as it would have."""
+    import base64
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import base64
+    import random
+
+    import numpy as np
+    import torch
+
+    def tensor(text: str) -> Any:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
 
 
 @dataclass
@@ -407,6 +448,9 @@ def _worker(config: dict[str, Any]) -> None:
             loader.load_state_dict(json.loads((own if own.is_file() else folder / LOADER_STATE.format(rank=0))
                                               .read_text()))
             step = saved["step"]
+            rng = folder / RNG_STATE.format(rank=rank)
+            if rng.is_file() and saved.get("world_size") == world:  # another world size: the ranks' seeds
+                set_rng_state(json.loads(rng.read_text()))
             if rank == 0 and (folder / STEPS).is_file():
                 history = [json.loads(line) for line in (folder / STEPS).read_text().splitlines()]
 
@@ -475,6 +519,7 @@ def _worker(config: dict[str, Any]) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     engine.save_checkpoint(tmp, tag=STATE_TAG)
                     (Path(tmp) / LOADER_STATE.format(rank=rank)).write_text(json.dumps(loader.state_dict()))
+                    (Path(tmp) / RNG_STATE.format(rank=rank)).write_text(json.dumps(rng_state()))
                     if rank == 0:
                         (Path(tmp) / TRAINER_STATE).write_text(json.dumps({
                             "step": step, "world_size": world, "nodes": nodes,

@@ -69,8 +69,11 @@ class LocalRayCluster:
             self._wait_http(f"{self.dashboard}/api/version", head)
 
     def add_node(self, ip: str, num_cpus: int) -> None:
+        # its own session folder, as a node on another machine has: nodes sharing one would clean up
+        # each other's runtime-env files (a submitted job's working directory among them)
+        temp = f"{self.tmp}n{len(self.procs)}"
         node = self._start([f"--address={self.address}", f"--node-ip-address={ip}", f"--num-cpus={num_cpus}",
-                            f"--dashboard-agent-listen-port={free_port()}"])
+                            f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}"])
         self.wait_nodes(len(self.procs), node)
 
     def wait_nodes(self, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -108,9 +111,10 @@ class LocalRayCluster:
         for proc in reversed(self.procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5  # a test cluster needs no graceful shutdown: what is left is killed
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         # processes that left their process group still name this cluster's temp dir
         marker = self.tmp.encode()
         for proc_dir in Path("/proc").iterdir():
@@ -126,4 +130,5 @@ class LocalRayCluster:
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in Path(self.tmp).parent.glob(Path(self.tmp).name + "*"):
+            shutil.rmtree(folder, ignore_errors=True)

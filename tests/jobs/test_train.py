@@ -70,6 +70,20 @@ def test_overrides_extends_and_errors(tmp_path: Path) -> None:
         resolve_recipe(loop)
 
 
+def test_random_generator_states_round_trip_through_json() -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    from jobs.train import rng_state, set_rng_state
+
+    state = json.loads(json.dumps(rng_state()))
+    first = (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)])
+    set_rng_state(state)
+    assert (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]) == first
+
+
 def test_lr_schedule_shapes() -> None:
     r = _recipe("stage3")
     factors = [lr_factor(s, total_steps=100, steps_per_epoch=100, recipe=r) for s in range(100)]
@@ -99,16 +113,26 @@ REFERENCE = ("train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep
 def reference(ray_session, task_world, mlflow_postgres, tmp_path_factory):
     """One tracked tiny stage-3 run (2 workers, ZeRO-2, 4 steps, checkpoints at 2 and 4) that the tests
     below check, resume, kill a copy of and take parents from."""
-    from jobs.tracking import TrackingTarget
+    from jobs.tracking import TrackingTarget, client_for, ensure_experiment
     from jobs.train import run_training
 
     storage = tmp_path_factory.mktemp("train-runs")
     recipe = _tiny_world_recipe(task_world, *REFERENCE)
     tracking = TrackingTarget(uri=mlflow_postgres.uri, experiment="tiny-reference")
-    result = run_training(recipe, storage=storage, name="reference", world_size=2, tracking=tracking)
+    client = client_for(tracking)
+    pipeline = client.create_run(ensure_experiment(client, tracking), run_name="pipeline").info.run_id
+    result = run_training(recipe, storage=storage, name="reference", world_size=2, tracking=tracking,
+                          parent_run_id=pipeline)
     step2 = next(str(p.parent) for p in (storage / "reference").glob("checkpoint_*/trainer.json")
                  if json.loads(p.read_text())["step"] == 2)
-    return {"recipe": recipe, "result": result, "tracking": tracking, "storage": storage, "step2": step2}
+    return {"recipe": recipe, "result": result, "tracking": tracking, "storage": storage, "step2": step2,
+            "pipeline_run_id": pipeline}
+
+
+def client_tags(reference) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=reference["tracking"].uri).get_run(reference["result"].mlflow_run_id).data.tags
 
 
 def _check_checkpoint_exports(result, recipe, out: Path, *, predict: bool) -> None:
@@ -123,6 +147,7 @@ def _check_checkpoint_exports(result, recipe, out: Path, *, predict: bool) -> No
     checkpoint = Path(result.checkpoint)
     assert json.loads((checkpoint / "trainer.json").read_text())["step"] == result.total_steps
     assert {p.name for p in checkpoint.glob("loader-rank*.json")} == {"loader-rank0.json", "loader-rank1.json"}
+    assert {p.name for p in checkpoint.glob("rng-rank*.json")} == {"rng-rank0.json", "rng-rank1.json"}
     assert (checkpoint / "state").is_dir()  # DeepSpeed's model/optimizer shards of every rank
     exported = export_checkpoint(checkpoint, out)
     loaded = load_inference(exported)
@@ -139,6 +164,8 @@ def test_tiny_stage_trains_with_zero2_tracked_in_mlflow(reference, task_world, t
     """A tiny stage 3 on two Ray Train workers (DeepSpeed ZeRO-2, gloo), tracked in MLflow (PostgreSQL
     store); the checkpoint exports to the inference layout, which predicts."""
     _check_tracked_run(reference["tracking"], reference["result"], reference["recipe"], task_world)
+    tags = client_tags(reference)
+    assert tags["mlflow.parentRunId"] == reference["pipeline_run_id"]  # grouped under the pipeline's run
     _check_checkpoint_exports(reference["result"], reference["recipe"], tmp_path / "exported", predict=True)
 
 
@@ -304,7 +331,7 @@ def test_resume_from_a_checkpoint_path_on_another_worker_count(reference, tmp_pa
     position): from the reference's step-2 checkpoint, on 2 workers the next steps' losses equal the
     reference's; on 1 worker (a universal checkpoint, the same global batches) they agree within float
     summation order. An existing run name without --resume, and a folder that is not a checkpoint, are
-    refused. (`--resume RUN_ID`, which continues a run in place, is in test_train_cluster.py.)"""
+    refused. `--resume RUN_ID` continues a tracked run in place."""
     from jobs.train import run_training
 
     recipe, full, storage = reference["recipe"], reference["result"], reference["storage"]
@@ -312,9 +339,21 @@ def test_resume_from_a_checkpoint_path_on_another_worker_count(reference, tmp_pa
         run_training(recipe, storage=storage, name="reference", world_size=2, resume=None)
     with pytest.raises(RecipeError, match="not a checkpoint"):
         run_training(recipe, storage=tmp_path, name="nowhere", world_size=2, resume=str(tmp_path))
-    same = run_training(recipe, storage=tmp_path, name="from-step2", world_size=2, resume=reference["step2"])
+    tracking = reference["tracking"]
+    same = run_training(recipe, storage=tmp_path, name="from-step2", world_size=2, resume=reference["step2"],
+                        tracking=tracking)
     assert [s["step"] for s in same.steps] == [1, 2, 3, 4]
     assert _max_relative_difference(full.steps, same.steps) <= LOSS_TOLERANCE
+    # --resume MLFLOW_RUN_ID continues that run in place (its storage and name from the run's tags)
+    longer = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 5})})
+    more = run_training(longer, storage=tmp_path / "elsewhere", world_size=2, resume=same.mlflow_run_id,
+                        tracking=tracking)
+    assert more.mlflow_run_id == same.mlflow_run_id and more.run_name == "from-step2"
+    assert [s["step"] for s in more.steps] == [1, 2, 3, 4, 5]
+    from mlflow import MlflowClient
+
+    history = MlflowClient(tracking_uri=tracking.uri).get_metric_history(same.mlflow_run_id, "train/loss")
+    assert sorted(m.step for m in history) == [3, 4, 5]  # steps 1-2 belong to the reference's run
     one = run_training(recipe, storage=tmp_path, name="on-one-worker", world_size=1, resume=reference["step2"])
     assert [s["step"] for s in one.steps] == [1, 2, 3, 4]
     assert _max_relative_difference(full.steps, one.steps) <= 1e-4
