@@ -9,7 +9,7 @@ CORPORA := examples/corpora
 QS := data/quickstart
 QSRUNS := runs/quickstart
 
-.PHONY: install quickstart test test-fast bench bench-loader bench-train clean-quickstart
+.PHONY: install system-deps quickstart test test-fast bench bench-loader bench-train clean-quickstart
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
