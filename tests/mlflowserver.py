@@ -11,7 +11,7 @@ Debian's postgresql package creates (`nobody` where it is missing), through subp
 `user=`/`group=`; that user owns only the temp dir's `pg/` folder. The binaries are taken from PATH,
 else from Debian's /usr/lib/postgresql/<version>/bin, which is not on PATH.
 
-`stop()` and `start()` keep the port and the backend store, so an outage drill (`restart()`, or a
+`stop()` and `start()` keep the port and the backend store, so an outage drill (a
 `stop()`, some client calls, then `start()`) ends with the same server holding the same runs.
 """
 
@@ -41,7 +41,7 @@ def _pg_bin(name: str) -> str:
 
 
 class LocalMlflowServer:
-    """`start()` it, point clients at `uri`, `close()` it; `stop()`/`start()`/`restart()` for outages."""
+    """`start()` it, point clients at `uri`, `close()` it; `stop()` then `start()` for outages."""
 
     def __init__(self, backend: str = "sqlite", artifacts: str | None = None) -> None:
         if backend not in ("sqlite", "postgresql"):
@@ -102,10 +102,6 @@ class LocalMlflowServer:
         if self.backend == "postgresql" and (self.pg_dir / "data" / "postmaster.pid").exists():
             if self._pg("pg_ctl", "stop", "-D", "data", "-m", "fast", "-t", "30").returncode != 0:
                 self._pg("pg_ctl", "stop", "-D", "data", "-m", "immediate")
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def close(self) -> None:
         self.stop()

@@ -1,6 +1,7 @@
 """The loopback MLflow servers of conftest.py, checked through the client calls the jobs make: an
 experiment, a run, params, a metric batch, a proxied artifact and a dataset input, on SQLite and on
-PostgreSQL, and a restart that keeps them (the outage drills rely on it).
+PostgreSQL. (A PostgreSQL-backed server stopped and started again keeps its runs: the outage test
+of tests/jobs/test_tracking.py.)
 """
 
 from __future__ import annotations
@@ -61,20 +62,3 @@ def test_long_digest_refused(server):
         client.log_inputs(run_id, [_dataset("f" * 64)])  # a sha256 hex digest
     assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
     assert client.get_run(run_id).inputs.dataset_inputs == []
-
-
-@pytest.mark.slow
-def test_restart_keeps_runs(mlflow_postgres):
-    """restart() brings the server and PostgreSQL back on the same address with the same store."""
-    server = mlflow_postgres
-    client = mlflow.MlflowClient(tracking_uri=server.uri)
-    run_id = _new_run(client)
-    client.log_metric(run_id, "loss", 0.5, step=1)
-    uri = server.uri
-    server.restart()
-    assert server.uri == uri
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5)]
-    client.log_metric(run_id, "loss", 0.25, step=2)
-    client.set_terminated(run_id)
-    run = client.get_run(run_id)
-    assert run.data.metrics == {"loss": 0.25} and run.info.status == "FINISHED"

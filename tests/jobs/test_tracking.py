@@ -38,10 +38,11 @@ def test_an_unreachable_server_is_told_once_at_run_start(caplog) -> None:
 
 
 @pytest.mark.slow
-def test_records_made_while_the_server_is_down_are_sent_once_when_it_is_back(mlflow_server, caplog) -> None:
+def test_records_made_while_the_server_is_down_are_sent_once_when_it_is_back(mlflow_postgres, caplog) -> None:
+    """PostgreSQL store: the run made before the outage is there again after it."""
     from mlflow import MlflowClient
 
-    target = TrackingTarget(uri=mlflow_server.uri, experiment="outage")
+    target = TrackingTarget(uri=mlflow_postgres.uri, experiment="outage")
     run_id = start_run(target, run_name="outage", tags={"xsam.test": "outage"})
     tracker = Tracker(target, run_id, retry_max_s=2.0)
     tracker.log_metrics({"train/loss": 1.0}, step=1)
@@ -49,7 +50,7 @@ def test_records_made_while_the_server_is_down_are_sent_once_when_it_is_back(mlf
     while tracker.pending and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tracker.pending == 0
-    mlflow_server.stop()
+    mlflow_postgres.stop()
     try:
         with caplog.at_level(logging.WARNING, logger="xsam.tracking"):
             for step in range(2, 6):
@@ -58,10 +59,10 @@ def test_records_made_while_the_server_is_down_are_sent_once_when_it_is_back(mlf
             tracker.set_tags({"xsam.checkpoint": "/runs/x/checkpoint_1"})
             assert tracker.pending >= 5
     finally:
-        mlflow_server.start()
+        mlflow_postgres.start()
     assert tracker.close(timeout=120) == 0
     assert caplog.text.count("is not answering") == 1
-    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    client = MlflowClient(tracking_uri=mlflow_postgres.uri)
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 6)]
     assert client.get_run(run_id).data.tags["xsam.checkpoint"] == "/runs/x/checkpoint_1"
