@@ -27,6 +27,7 @@ from dataprep.convert import ConvertParams, Prepared, UnitResult, cleanup_comple
 from dataprep.converters import get_converter
 from xsam.data.manifest import DATASET, LOGS_DIR
 from dataprep.shard_writer import canonical_json
+from jobs.submit import init_ray
 from xsam.data.storage import Storage, open_storage
 
 
@@ -41,22 +42,6 @@ class ConvertOutcome:
 
 def _remote_run_unit(converter, unit, storage, params, digest, categories) -> UnitResult:  # noqa: ANN001
     return run_unit(converter, unit, storage, params, digest, categories)
-
-
-def _init_ray(address: str | None, num_workers: int) -> bool:
-    """Connect or start Ray; returns True when this call started it (and must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return True
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return True
-    ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=True, configure_logging=False)
-    return True
 
 
 def run_conversion(
@@ -95,7 +80,7 @@ def run_conversion(
         )
         return ConvertOutcome(meta=meta, already_complete=True, reused_units=0, converted_units=0, seconds=0.0)
 
-    started = _init_ray(address, num_workers)
+    started = init_ray(address, num_cpus=num_workers)
     try:
         results = _run_units(prepared, storage, num_workers, console)
     finally:

@@ -1,4 +1,5 @@
-"""Ray Job submission: `xsam ... --address http://HOST:8265` runs the same command on the cluster.
+"""Where a job runs: `init_ray` connects to a cluster or starts the embedded local Ray, and Ray Job
+submission (`xsam ... --address http://HOST:8265`) runs the same command on the cluster.
 
 The command line is submitted through the Jobs API (`JobSubmissionClient`) and its logs are
 followed here until it ends; the exit status is the job's. What travels in the job's metadata and
@@ -22,6 +23,24 @@ from rich.console import Console
 # forwarded to the job when set here; none of them is a credential
 FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
              "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE", "XSAM_PARENT_RUN_ID")
+
+
+def init_ray(address: str | None, *, num_cpus: int) -> bool:
+    """Connect to the Ray cluster at `address` (or `RAY_ADDRESS`), or start an embedded single-machine
+    Ray with `num_cpus` on loopback; True when this call did either (the caller shuts it down), False
+    when this process was already connected."""
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        # the embedded Ray binds to loopback, not the host's address (read when ray is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    return True
 
 
 def forwarded_env(console: Console | None = None) -> dict[str, str]:

@@ -179,22 +179,23 @@ class Tracker:
         """`mlflow.entities.DatasetInput`s (see `dataset_input`)."""
         self._put("inputs", datasets)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None, *, name: str | None = None) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy `path` now (the caller may change it later) and send the copy."""
-        source = Path(path)
-        folder = self._spool / f"{time.monotonic_ns()}"
-        folder.mkdir()
-        copy = folder / (name or source.name)
-        shutil.copyfile(source, copy)
+        copy = self._spooled(Path(path).name)
+        shutil.copyfile(path, copy)
         self._put("artifact", (copy, artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        folder = self._spool / f"{time.monotonic_ns()}"
-        folder.mkdir()
-        copy = folder / Path(artifact_file).name
+        copy = self._spooled(Path(artifact_file).name)
         copy.write_text(text)
         parent = str(Path(artifact_file).parent)
         self._put("artifact", (copy, None if parent == "." else parent))
+
+    def _spooled(self, name: str) -> Path:
+        """A new file path in a folder of its own (sent artifacts are removed folder by folder)."""
+        folder = self._spool / f"{time.monotonic_ns()}"
+        folder.mkdir()
+        return folder / name
 
     def terminate(self, status: str) -> None:
         self._put("terminate", status)

@@ -15,7 +15,7 @@ import math
 import posixpath
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -220,15 +220,6 @@ class RunStorage:
         with self.fs.open_output_stream(path) as f:
             f.write((json.dumps(doc, indent=2) + "\n").encode())
 
-    def checkpoint(self, uri: str) -> tuple[Any, str]:
-        """(filesystem, path) of a checkpoint folder named by `uri` (local or s3://)."""
-        if uri.startswith("s3://"):
-            store = self if self.remote else RunStorage.open(uri)
-            return store.fs, uri[len("s3://"):].rstrip("/")
-        from pyarrow import fs
-
-        return fs.LocalFileSystem(), str(Path(uri).resolve())
-
 
 # ------------------------------------------------------------------------------------------ worker
 
@@ -281,16 +272,14 @@ class _StepStats:
     samples: int = 0
     tokens: int = 0
     data_wait: float = 0.0
-    parts: dict[str, float] | None = None
+    parts: dict[str, float] = field(default_factory=dict)
 
     def add(self, losses: dict[str, Any], samples: int, tokens: int) -> None:
         self.micro += 1
         self.samples += samples
         self.tokens += tokens
-        parts = self.parts if self.parts is not None else {}
         for key, value in losses.items():
-            parts[key] = parts.get(key, 0.0) + float(value.detach())
-        self.parts = parts
+            self.parts[key] = self.parts.get(key, 0.0) + float(value.detach())
 
 
 def _restore_folder(stack: Any, config: dict[str, Any]) -> Path | None:
@@ -300,8 +289,8 @@ def _restore_folder(stack: Any, config: dict[str, Any]) -> Path | None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
-        filesystem, path = RunStorage.open(config["storage"]).checkpoint(config["resume_from"])
-        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
+        source = RunStorage.open(config["resume_from"])
+        checkpoint = ray.train.Checkpoint(source.path, filesystem=source.fs)
     if checkpoint is None:
         return None
     return Path(stack.enter_context(checkpoint.as_directory()))
@@ -580,10 +569,8 @@ def resolve_resume(resume: str | None, *, store: RunStorage, run_name: str,
         if "xsam.storage" not in tags or "xsam.run_name" not in tags:
             raise RecipeError(f"--resume {resume}: that MLflow run was not started by `xsam train`")
         return RunStorage.open(tags["xsam.storage"]), tags["xsam.run_name"], None
-    filesystem, path = store.checkpoint(resume)
-    from pyarrow.fs import FileType
-
-    if filesystem.get_file_info(posixpath.join(path, TRAINER_STATE)).type == FileType.NotFound:
+    source = RunStorage.open(resume)
+    if not source.exists(source.join(TRAINER_STATE)):
         raise RecipeError(f"--resume {resume}: not a checkpoint of `xsam train` ({TRAINER_STATE} missing); "
                           "give auto, an MLflow run id or a checkpoint_* folder")
     if exists:
@@ -625,12 +612,9 @@ def parent_run_id(uri: str) -> str | None:
     """The MLflow run that produced a parent: `runs:/ID`, or the run id its xsam.json / trainer.json keeps."""
     if uri.startswith("runs:/"):
         return uri[len("runs:/"):].split("/")[0] or None
-    kind = parent_kind(uri)
-    if kind is None:
-        return None
     store = RunStorage.open(uri)
-    if kind == "inference":
-        meta = store.read_json(store.join("xsam.json")) or {}
+    meta = store.read_json(store.join("xsam.json"))
+    if meta is not None:
         return (meta.get("provenance") or {}).get("mlflow_run_id")
     return (store.read_json(store.join(TRAINER_STATE)) or {}).get("mlflow_run_id")
 
@@ -729,7 +713,7 @@ def run_training(recipe: Recipe, *, storage: str | Path, name: str | None = None
         _worker,
         train_loop_config={
             "recipe": recipe.model_dump(mode="json", by_alias=True), "deepspeed": plan.deepspeed,
-            "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch, "storage": store.url,
+            "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
             "resume_from": resume_from, "cache_dir": str(Path(tempfile.gettempdir()) / "xsam-shard-cache"),
             "tracking": {"uri": tracking.uri, "experiment": tracking.experiment, "run_id": run_id} if run_id else None,
             "tracking_uri": tracking.uri if tracking else None,
@@ -807,9 +791,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         return _export_folder(Path(text), text, out)
     from pyarrow import fs
 
-    filesystem, path = RunStorage.open(text).checkpoint(text)
+    source = RunStorage.open(text)
     with tempfile.TemporaryDirectory(prefix="xsam-export-") as tmp:
-        fs.copy_files(path, tmp, source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem())
+        fs.copy_files(source.path, tmp, source_filesystem=source.fs, destination_filesystem=fs.LocalFileSystem())
         return _export_folder(Path(tmp), text, out)
 
 

@@ -109,20 +109,15 @@ def _run(recipe, *, storage: str, name: str | None, world_size: int | None, resu
     import os
 
     from jobs.recipe import RecipeError
+    from jobs.submit import init_ray
     from jobs.tracking import TrackingTarget
     from jobs.train import run_training
 
-    if not address and not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # embedded Ray on loopback
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
-    import ray
-
     workers = world_size or recipe.train.num_workers
-    started = not ray.is_initialized()
-    if started and (address or os.environ.get("RAY_ADDRESS")):
-        ray.init(address=address, log_to_driver=True)
-    elif started:
-        ray.init(num_cpus=max(workers + 1, os.cpu_count() or 1), include_dashboard=False, configure_logging=False)
+    started = init_ray(address, num_cpus=max(workers + 1, os.cpu_count() or 1))
+    import ray  # after init_ray: it sets what the embedded Ray reads on import
+
     target = TrackingTarget.from_environment(recipe.mlflow.experiment) if tracking else None
     try:
         result = run_training(recipe, storage=storage, name=name, world_size=workers, resume=resume,
