@@ -42,11 +42,18 @@ quickstart: install
 		--image $(CORPORA)/coco_panoptic/val2017/000000439180.jpg --task refseg \
 		--prompt "the horse on the left" --out $(QSRUNS)/predict-horse.png
 
-# The test fixtures start a PostgreSQL-backed MLflow server: install PostgreSQL where it is missing.
+# The test fixtures start a PostgreSQL-backed MLflow server, and GCG's METEOR (pycocoevalcap) runs a Java jar:
+# install PostgreSQL and a headless JRE where they are missing (and fail loudly when that is impossible).
 system-deps:
-	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else \
-		echo "installing PostgreSQL (the tests' MLflow server store)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi
+	@missing=""; \
+	if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else missing="$$missing postgresql"; fi; \
+	if command -v java >/dev/null; then :; else missing="$$missing default-jre-headless"; fi; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (the tests' MLflow server store / METEOR's Java runtime)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
+			|| { echo "could not install$$missing: install them with your package manager" >&2; exit 1; }; \
+		command -v java >/dev/null || { echo "java is still missing after installing default-jre-headless" >&2; exit 1; }; \
+	fi
 
 test: install system-deps
 	$(VENV)/bin/pytest
