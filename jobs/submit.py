@@ -89,3 +89,15 @@ def submit_training(address: str, recipe: Any, argv: list[str], console: Console
         (Path(folder) / "recipe.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         runtime_env = {"working_dir": folder, "env_vars": forwarded_env(console)}
         return submit(address, ["train", "recipe.yaml", *argv], console, runtime_env)
+
+
+def submit_with_files(address: str, argv: list[str], files: dict[str, Any], console: Console | None = None) -> int:
+    """`xsam ARGV` as a Ray Job whose working directory holds copies of `files` (name -> local path),
+    e.g. the benchmark file `xsam eval` reads; the environment forwarded as for training."""
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix="xsam-job-") as folder:
+        for name, path in files.items():
+            shutil.copyfile(path, Path(folder) / name)
+        runtime_env = {"working_dir": folder, "env_vars": forwarded_env(console)}
+        return submit(address, argv, console, runtime_env)

@@ -180,10 +180,15 @@ class Tracker:
         self._put("inputs", datasets)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Copy `path` now (the caller may change it later) and send the copy."""
+        """Copy `path` (a file, or a folder: its whole tree) now (the caller may change it later) and
+        send the copy."""
         copy = self._spooled(Path(path).name)
-        shutil.copyfile(path, copy)
-        self._put("artifact", (copy, artifact_path))
+        if Path(path).is_dir():
+            shutil.copytree(path, copy)
+            self._put("artifacts", (copy, artifact_path))
+        else:
+            shutil.copyfile(path, copy)
+            self._put("artifact", (copy, artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         copy = self._spooled(Path(artifact_file).name)
@@ -224,6 +229,10 @@ class Tracker:
         elif kind == "artifact":
             path, artifact_path = payload
             client.log_artifact(self.run_id, str(path), artifact_path)
+            shutil.rmtree(path.parent, ignore_errors=True)
+        elif kind == "artifacts":
+            path, artifact_path = payload
+            client.log_artifacts(self.run_id, str(path), artifact_path)
             shutil.rmtree(path.parent, ignore_errors=True)
         elif kind == "terminate":
             client.set_terminated(self.run_id, status=payload)

@@ -284,3 +284,25 @@ def task_batches(world: dict[str, Path], name: str, *, preprocess, batch_size: i
                           max_length=max_length, **kw)
     loader = StreamLoader(spec, builder=builder, cache_dir=world["tokenizer"].parent / "cache")
     return [p.to("cpu") for p in loader]
+
+
+# The evaluation splits of the example corpora, for scoring and evaluation tests: {name: dataset folder}.
+EVAL_EXAMPLES = ("refcoco", "grefcoco", "coco-interactive", "coco-vgd", "gcg-eval")
+
+
+def build_eval_world(corpora: Path, root: Path) -> dict[str, Path]:
+    """Convert the example corpora whose evaluation splits X-SAM's benchmarks read (RefCOCO val/testA/
+    testB, gRefCOCO val, COCO-Interactive val, COCO-VGD val2017, GranD-f GCG val), the real COCO
+    panoptic sample (val2017) and the real COCO polygons (val2017), in this process."""
+    from dataprep.convert import ConvertParams
+    from dataprep.examples import make_examples
+
+    found = make_examples(corpora, root / "examples")
+    out = {name: convert_local(_corpus(name), root / name, dict(found[name]), ConvertParams()) for name in EVAL_EXAMPLES}
+    out["coco-panoptic"] = convert_local("coco-panoptic", root / "coco-panoptic",
+                                         panoptic_inputs(corpora / "coco_panoptic"), ConvertParams())
+    polygons = corpora / "coco_instances_polygons"
+    out["coco-instances"] = convert_local("coco-instances", root / "coco-instances", {
+        "images": str(polygons / "val2017"), "annotations": str(polygons / "annotations" / "instances_val2017.json"),
+    }, ConvertParams())
+    return out

@@ -138,6 +138,14 @@ def task_world(corpora, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def eval_world(corpora, tmp_path_factory) -> dict[str, Path]:
+    """The evaluation splits of the example corpora, converted once per session (no Ray)."""
+    from builders import build_eval_world
+
+    return build_eval_world(corpora, tmp_path_factory.mktemp("eval-world"))
+
+
+@pytest.fixture(scope="session")
 def mlflow_server():
     """A real MLflow tracking server on loopback (SQLite store, artifacts proxied to its temp dir);
     tests pass its `uri` explicitly: MLFLOW_TRACKING_URI is left alone."""

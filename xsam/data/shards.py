@@ -18,15 +18,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from xsam.data.manifest import SHARDS_DIR, index_by_shard
+from xsam.data.manifest import DATASET, INDEX, SHARDS_DIR, index_by_shard, read_parquet, require_complete
 from xsam.data.plan import SourceInfo
+from xsam.data.schema import Item, Record, ShardSample
 from xsam.data.storage import CHUNK, Storage, open_storage
 
 DEFAULT_CACHE_BYTES = 32 << 30
@@ -256,3 +259,83 @@ class ShardReader:
         for opened in self._open.values():
             opened.close()
         self._open.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One record as its shard stores it: the record, its default rendering, the image bytes."""
+
+    record: Record
+    items: list[Item]
+    image: bytes | None
+    shard: str
+
+
+def dataset_splits(path: str | Path) -> list[str]:
+    """The upstream splits a complete dataset folder holds (dataset.json `splits`)."""
+    storage = open_storage(path)
+    require_complete(storage)
+    meta = json.loads(storage.get_bytes(DATASET))
+    return sorted(meta.get("splits") or {row["split"] for row in read_parquet(storage, INDEX)})
+
+
+def read_records(
+    path: str | Path,
+    *,
+    splits: list[str] | None = None,
+    images: bool = False,
+    cache: ShardCache | None = None,
+) -> Iterator[StoredRecord]:
+    """Every record of the dataset at `path` (local or s3://) whose split is in `splits` (default:
+    all), in shard order, each shard verified against the manifest as the loader does. Evaluation
+    reads its ground truth this way; `images=True` also returns each record's encoded image."""
+    from xsam.data.mixture import SourceSpec
+    from xsam.data.plan import open_source
+
+    known = dataset_splits(path)
+    unknown = sorted(set(splits or []) - set(known))
+    if unknown:
+        raise ValueError(f"{path} has no split(s) {', '.join(unknown)}; it holds {', '.join(known) or 'none'}")
+    source = open_source(SourceSpec(name="records", path=str(path), repetitions=1.0, splits=splits))
+    reader = ShardReader(source, cache or ShardCache())
+    wanted = set(splits) if splits is not None else None
+    try:
+        for k, info in enumerate(source.shards):
+            if info.items == 0:
+                continue
+            opened = reader.shard(k)
+            for key in opened.keys:
+                sample = ShardSample.model_validate_json(opened.read(key, "json"))
+                record = sample.record
+                if wanted is not None and record.source.split not in wanted:
+                    continue
+                image = opened.read(key, record.image.ext) if images and record.image is not None else None
+                yield StoredRecord(record=record, items=sample.items, image=image, shard=info.name)
+    finally:
+        reader.close()
+
+
+class RecordReader:
+    """Random access to a dataset folder's records by (shard name, record key): what evaluation
+    workers use to fetch the records the driver assigned them (verified and cached like the loader)."""
+
+    def __init__(self, path: str | Path, cache: ShardCache | None = None) -> None:
+        from xsam.data.mixture import SourceSpec
+        from xsam.data.plan import open_source
+
+        source = open_source(SourceSpec(name="records", path=str(path), repetitions=1.0))
+        self.path = str(path)
+        self.reader = ShardReader(source, cache or ShardCache())
+        self.shards = {info.name: k for k, info in enumerate(source.shards)}
+
+    def get(self, shard: str, key: str, *, image: bool = True) -> StoredRecord:
+        k = self.shards.get(shard)
+        if k is None:
+            raise ShardError(f"{self.path}: the manifest lists no shard {shard}")
+        sample = ShardSample.model_validate_json(self.reader.read(k, key, "json"))
+        record = sample.record
+        data = self.reader.read(k, key, record.image.ext) if image and record.image is not None else None
+        return StoredRecord(record=record, items=sample.items, image=data, shard=shard)
+
+    def close(self) -> None:
+        self.reader.close()

@@ -178,19 +178,10 @@ class Predictor:
             if not item.segs:  # nothing grounded: the caption is the whole answer
                 with PILImage.open(io.BytesIO(image_bytes)) as im:
                     return Prediction(task=task, prompt=prompt, image_size=(im.size[1], im.size[0]), text=text)
-        sample = self.builder.build_item(record, item, image_bytes, source="predict")
-        batch = collate([sample], pad_id=self.builder.pad_id, preprocess=self.builder.preprocess).to(self.device)
-        model = self.loaded.model
-        # the region sampler draws its points from a seeded generator: the same input, the same output
-        generator = torch.Generator(self.device).manual_seed(0)
-        with torch.no_grad():
-            out = model(batch, compute_loss=False, generator=generator)
-        geometry = batch.geometries[0]
-        assert geometry is not None and out.instances is not None and out.class_logits is not None
+        class_logits, mask_logits, geometry = self.forward_item(record, item, image_bytes)
         h, w = geometry.original_size
         post = self.loaded.config.postprocess
         result = Prediction(task=task, prompt=prompt, image_size=(h, w), text=text)
-        class_logits, mask_logits = out.class_logits[0], out.mask_logits[0]  # one <SEG>: one instance
         if task == "gcgseg":
             for phrase, found in zip(labels, postprocess.grounded(class_logits, mask_logits, geometry.restore,
                                                                   num_phrases=len(labels),
@@ -207,6 +198,23 @@ class Predictor:
                                            mask_threshold=post.mask_threshold)
             result.masks.append(PredictedMask(label=labels[0], score=found1.score, mask=found1.mask.cpu().numpy()))
         return result
+
+    def forward_item(self, record: Record, item: Item, image_bytes: bytes) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The final decoder layer's (class_logits [Q, K+1], mask_logits [Q, h, w]) of the item's
+        `<SEG>` and the image's `Geometry` (its `restore` maps masks back to the original size)."""
+        sample = self.builder.build_item(record, item, image_bytes, source="predict")
+        batch = collate([sample], pad_id=self.builder.pad_id, preprocess=self.builder.preprocess).to(self.device)
+        # the region sampler draws its points from a seeded generator: the same input, the same output
+        generator = torch.Generator(self.device).manual_seed(0)
+        with torch.no_grad():
+            out = self.loaded.model(batch, compute_loss=False, generator=generator)
+        geometry = batch.geometries[0]
+        assert geometry is not None and out.instances is not None and out.class_logits is not None
+        return out.class_logits[0], out.mask_logits[0], geometry  # one <SEG>: one instance
+
+    def generate_caption(self, record: Record, item: Item, image_bytes: bytes, max_new_tokens: int = 256) -> str:
+        """Greedy answer to the item's first question (GCG evaluation generates its caption)."""
+        return self._generate_caption(record, item, image_bytes, max_new_tokens)
 
     def _generate_caption(self, record: Record, item: Item, image_bytes: bytes, max_new_tokens: int = 256) -> str:
         """Greedy caption after the item's question (the answer is not part of the prompt)."""

@@ -1,0 +1,132 @@
+"""The evaluation job: a Ray Data actor pool over the benchmarks' units, predictions in the reference formats,
+scores through `xsam.eval.score`, one MLflow run with lineage; repeatable and never silently lossy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+
+BENCHMARKS = ["refcoco-val", "grefcoco-val", "coco-panoptic-val", "interactive-box-val", "vgd-point-val", "gcg-val"]
+
+
+def _benchmark_file(eval_world: dict[str, Path], path: Path) -> Path:
+    """configs/benchmarks.yaml with its root pointed at the test's converted datasets."""
+    doc = yaml.safe_load((REPO / "configs" / "benchmarks.yaml").read_text())
+    doc["root"] = str(Path(eval_world["refcoco"]).parent)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, mlflow_server):
+    """A random tiny stage-3 model whose provenance names a (real) training run of the tracking server."""
+    import torch
+    from mlflow import MlflowClient
+
+    from xsam.model.build import build_xsam
+    from xsam.model.config import load_model_config
+    from xsam.model.export import save_inference
+    from xsam.text import build_tiny_tokenizer, load_tokenizer
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    experiment = client.create_experiment("eval-test-training")
+    training = client.create_run(experiment, run_name="stage3-train").info.run_id
+    cfg = load_model_config(REPO / "configs" / "model" / "tiny.yaml")
+    tokenizer = load_tokenizer(build_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
+    torch.manual_seed(0)
+    model = build_xsam(cfg, stage="stage3", tokenizer=tokenizer)
+    folder = save_inference(model, cfg, tokenizer, tmp_path_factory.mktemp("model") / "tiny-stage3", stage="stage3",
+                            provenance={"kind": "test", "mlflow_run_id": training})
+    return {"path": folder, "training_run": training}
+
+
+def test_evaluation_is_tracked_linked_and_repeatable(ray_session, eval_world, mlflow_server, tiny_model, tmp_path):
+    from mlflow import MlflowClient
+
+    from jobs.evaluate import run_evaluation
+    from jobs.tracking import TrackingTarget
+
+    config = _benchmark_file(eval_world, tmp_path / "benchmarks.yaml")
+    target = TrackingTarget(uri=mlflow_server.uri, experiment="eval-test")
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    workflow = client.create_run(client.create_experiment("eval-test-workflow"), run_name="workflow").info.run_id
+    first = run_evaluation(str(tiny_model["path"]), BENCHMARKS, out=tmp_path / "a", config=config, tracking=target,
+                           parent_run_id=workflow, progress=False)
+    second = run_evaluation(str(tiny_model["path"]), BENCHMARKS, out=tmp_path / "b", config=config, tracking=None,
+                            progress=False)
+
+    # every benchmark scored, nothing failed, and the same checkpoint gives the same predictions and scores
+    assert set(first.scores) == set(BENCHMARKS) and first.failures == {b: 0 for b in BENCHMARKS}
+    assert first.scores == second.scores
+    assert set(first.scores["coco-panoptic-val"]) == {"PQ", "mIoU", "AP"}
+    assert set(first.scores["grefcoco-val"]) == {"cIoU", "gIoU", "N-acc", "T-acc"}
+    assert set(first.scores["gcg-val"]) == {"METEOR", "CIDEr", "AP50", "mIoU"}  # no text model: no recall
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.json") if "model" not in p.parts)
+    assert Path("refcoco-val/masks.json") in files and Path("coco-panoptic-val/panoptic.json") in files
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    masks = json.loads((tmp_path / "a" / "refcoco-val" / "masks.json").read_text())
+    assert [m["key"] for m in masks] == [f"refcoco-val-000000039769#{i}" for i in range(4)]
+    assert json.loads((tmp_path / "a" / "scores.json").read_text()) == json.loads(json.dumps(first.scores))
+
+    # the predictions score the same through `xsam eval score`, the command users run on any model's outputs
+    proc = run_cli("eval", "score", "--task", "refseg", "--gt", str(eval_world["refcoco"]), "--split", "val",
+                   "--pred", str(tmp_path / "a" / "refcoco-val" / "masks.json"), "--json")
+    assert json.loads(proc.stdout)["scores"] == pytest.approx(first.scores["refcoco-val"])
+
+    # one MLflow run: child of the workflow, linked to the training run, metrics <benchmark>/<metric>
+    run = client.get_run(first.run_id)
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == workflow and tags["xsam.training_run_id"] == tiny_model["training_run"]
+    assert tags["xsam.kind"] == "evaluation" and run.info.status == "FINISHED"
+    for bench, values in first.scores.items():
+        for metric, value in values.items():
+            assert run.data.metrics[f"{bench}/{metric}"] == pytest.approx(value)
+        assert run.data.metrics[f"{bench}/failed"] == 0
+    from xsam.data.manifest import version_id
+    from xsam.data.storage import open_storage
+
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == set(BENCHMARKS)
+    assert inputs["refcoco-val"].dataset.digest == version_id(open_storage(eval_world["refcoco"]))[:32]
+    artifacts = {a.path for a in client.list_artifacts(first.run_id, "plots/refcoco-val")}
+    assert "plots/refcoco-val/samples-refseg.png" in artifacts
+    panoptic_plots = {a.path for a in client.list_artifacts(first.run_id, "plots/coco-panoptic-val")}
+    assert "plots/coco-panoptic-val/per-class-genseg-semantic.png" in panoptic_plots
+    assert "scores.json" in {a.path for a in client.list_artifacts(first.run_id)}
+
+
+def test_a_failing_sample_is_recorded_not_dropped(ray_session, eval_world, tiny_model, tmp_path):
+    """A model whose context is too short for the 133-category genseg prompt fails that unit: the failure is
+    written with its reason, the unit is scored as an empty prediction, and the other benchmark runs on."""
+    from jobs.evaluate import run_evaluation
+
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_model["path"], short)
+    cfg = yaml.safe_load((short / "config.yaml").read_text())
+    cfg["llm"]["max_length"] = 128
+    (short / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    config = _benchmark_file(eval_world, tmp_path / "benchmarks.yaml")
+    result = run_evaluation(str(short), ["coco-panoptic-val", "refcoco-val"], out=tmp_path / "out", config=config,
+                            progress=False)
+    assert result.failures == {"coco-panoptic-val": 1, "refcoco-val": 0}
+    failures = json.loads((tmp_path / "out" / "coco-panoptic-val" / "failures.json").read_text())
+    assert [f["unit"] for f in failures] == ["coco-panoptic-val2017-000000439180"]
+    assert "128" in failures[0]["error"]  # the reason names the length limit
+    assert result.scores["coco-panoptic-val"]["PQ"] == 0.0
+    report = next(r for r in result.reports["coco-panoptic-val"] if r.task == "genseg-panoptic")
+    assert report.missing == ["439180"]
+    assert set(result.scores["refcoco-val"]) == {"cIoU", "gIoU"}
+
+
+def test_cli_refuses_unknown_benchmarks_before_starting_anything(tiny_model, tmp_path):
+    proc = run_cli("eval", "--checkpoint", str(tiny_model["path"]), "--benchmarks", "refcoco-val,nope",
+                   "--no-tracking", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "unknown benchmark 'nope'" in proc.stderr and "refcoco-val" in proc.stderr
+    assert not (tmp_path / "o").exists()
