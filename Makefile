@@ -41,15 +41,19 @@ quickstart: install
 	$(VENV)/bin/xsam predict --model configs/model/tiny.yaml --checkpoint $(QSRUNS)/tiny-init \
 		--image $(CORPORA)/coco_panoptic/val2017/000000439180.jpg --task refseg \
 		--prompt "the horse on the left" --out $(QSRUNS)/predict-horse.png
+	$(VENV)/bin/xsam eval --checkpoint $(QSRUNS)/tiny-init --benchmarks refcoco-val,coco-panoptic-val \
+		--out $(QSRUNS)/eval
+	$(VENV)/bin/xsam runs compare --metric refcoco-val --metric coco-panoptic-val
 
-# The test fixtures start a PostgreSQL-backed MLflow server, and GCG's METEOR (pycocoevalcap) runs a Java jar:
-# install PostgreSQL and a headless JRE where they are missing (and fail loudly when that is impossible).
+# The test fixtures start a PostgreSQL-backed MLflow server, GCG's METEOR (pycocoevalcap) runs a Java jar and the
+# UI check drives a headless Chromium: install what is missing (and fail loudly when that is impossible).
 system-deps:
 	@missing=""; \
 	if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else missing="$$missing postgresql"; fi; \
 	if command -v java >/dev/null; then :; else missing="$$missing default-jre-headless"; fi; \
+	if command -v chromium >/dev/null; then :; else missing="$$missing chromium"; fi; \
 	if [ -n "$$missing" ]; then \
-		echo "installing$$missing (the tests' MLflow server store / METEOR's Java runtime)"; \
+		echo "installing$$missing (the tests' MLflow store / METEOR's Java runtime / the UI check's browser)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
 			|| { echo "could not install$$missing: install them with your package manager" >&2; exit 1; }; \
 		command -v java >/dev/null || { echo "java is still missing after installing default-jre-headless" >&2; exit 1; }; \

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipelines.cli import data, evaluate, model, train
+from pipelines.cli import data, evaluate, model, runs, train
 
 app = typer.Typer(
     name="xsam",
@@ -15,6 +15,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(model.app, name="model")
 app.add_typer(evaluate.app, name="eval")
+app.add_typer(runs.app, name="runs")
 app.command("predict")(model.predict)
 app.command("import-official")(model.import_official)
 app.command("train")(train.train)

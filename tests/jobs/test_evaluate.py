@@ -3,6 +3,8 @@ scores through `xsam.eval.score`, one MLflow run with lineage; repeatable and ne
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -46,20 +48,30 @@ def tiny_model(tmp_path_factory, mlflow_server):
     return {"path": folder, "training_run": training}
 
 
-def test_evaluation_is_tracked_linked_and_repeatable(ray_session, eval_world, mlflow_server, tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def evaluations(ray_session, eval_world, mlflow_server, tiny_model, tmp_path_factory):
+    """The tiny model evaluated twice on six benchmarks, both runs tracked in one experiment (the first under a
+    workflow run): what the repeatability, lineage, compare and UI tests read."""
     from mlflow import MlflowClient
 
     from jobs.evaluate import run_evaluation
     from jobs.tracking import TrackingTarget
 
+    tmp_path = tmp_path_factory.mktemp("evaluations")
     config = _benchmark_file(eval_world, tmp_path / "benchmarks.yaml")
     target = TrackingTarget(uri=mlflow_server.uri, experiment="eval-test")
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     workflow = client.create_run(client.create_experiment("eval-test-workflow"), run_name="workflow").info.run_id
     first = run_evaluation(str(tiny_model["path"]), BENCHMARKS, out=tmp_path / "a", config=config, tracking=target,
                            parent_run_id=workflow, progress=False)
-    second = run_evaluation(str(tiny_model["path"]), BENCHMARKS, out=tmp_path / "b", config=config, tracking=None,
+    second = run_evaluation(str(tiny_model["path"]), BENCHMARKS, out=tmp_path / "b", config=config, tracking=target,
                             progress=False)
+    return {"first": first, "second": second, "workflow": workflow, "root": tmp_path, "client": client}
+
+
+def test_evaluation_is_tracked_linked_and_repeatable(evaluations, eval_world, tiny_model):
+    first, second, client = evaluations["first"], evaluations["second"], evaluations["client"]
+    workflow, tmp_path = evaluations["workflow"], evaluations["root"]
 
     # every benchmark scored, nothing failed, and the same checkpoint gives the same predictions and scores
     assert set(first.scores) == set(BENCHMARKS) and first.failures == {b: 0 for b in BENCHMARKS}
@@ -130,3 +142,37 @@ def test_cli_refuses_unknown_benchmarks_before_starting_anything(tiny_model, tmp
                    "--no-tracking", "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "unknown benchmark 'nope'" in proc.stderr and "refcoco-val" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_runs_compare_lays_out_runs_against_the_paper(evaluations, mlflow_server):
+    first, second = evaluations["first"], evaluations["second"]
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    proc = run_cli("runs", "compare", "--experiment", "eval-test", "--csv", env=env)
+    rows = list(csv.reader(io.StringIO(proc.stdout)))
+    header, body = rows[0], rows[1:]
+    assert header[:2] == ["run", "run_id"] and "refcoco-val/cIoU" in header and "gcg-val/METEOR" in header
+    assert not any(h.endswith("/failed") for h in header)
+    assert [r[1] for r in body[:2]] == [second.run_id, first.run_id]  # newest first
+    assert body[-1][0] == "X-SAM (paper)" and body[-1][header.index("refcoco-val/cIoU")] == "85.10"
+    column = header.index("coco-panoptic-val/PQ")
+    assert body[0][column] == f"{first.scores['coco-panoptic-val']['PQ']:.2f}"
+    md = run_cli("runs", "compare", "--experiment", "eval-test", "--metric", "cIoU", "--markdown", env=env).stdout
+    lines = md.splitlines()
+    assert lines[0] == "| run | run_id | grefcoco-val/cIoU | interactive-box-val/cIoU | refcoco-val/cIoU |"
+    assert lines[-1].startswith("| X-SAM (paper) |  |  | 75.40 | 85.10 |")
+    missing = run_cli("runs", "compare", "--experiment", "nope", env=env, check=False)
+    assert missing.returncode == 2 and "no MLflow experiment 'nope'" in missing.stderr
+
+
+def test_answer_generates_for_chat_benchmarks(tiny_model, corpora):
+    """`Predictor.answer`, what a VLMEvalKit adapter calls: greedy, so the same question gets the same answer."""
+    from xsam.model.export import load_inference
+    from xsam.model.predict import Predictor
+
+    predictor = Predictor(load_inference(tiny_model["path"]))
+    image = (corpora / "coco_panoptic" / "val2017" / "000000439180.jpg").read_bytes()
+    first = predictor.answer(image, "How many horses are there?", max_new_tokens=6)
+    assert isinstance(first, str) and first == predictor.answer(image, "How many horses are there?", max_new_tokens=6)
+    assert first != predictor.answer(image, "How many horses are there?", max_new_tokens=1) or len(first) <= 1
+    with pytest.raises(ValueError, match="needs a question"):
+        predictor.answer(image, "  ")

@@ -36,7 +36,7 @@ from xsam.data.batch import collate
 from xsam.data.builder import XSamBuilder
 from xsam.data.render import Category, RenderOptions, load_templates, render_record
 from xsam.data.schema import (
-    PHRASE_END, PHRASE_START, SEG_TOKEN, Image, Item, Record, Segment, Source, VisualPrompt,
+    PHRASE_END, PHRASE_START, SEG_TOKEN, ChatTurn, Image, Item, Record, Segment, Source, VisualPrompt,
 )
 from xsam.model import postprocess
 from xsam.model.export import LoadedModel
@@ -211,6 +211,17 @@ class Predictor:
         geometry = batch.geometries[0]
         assert geometry is not None and out.instances is not None and out.class_logits is not None
         return out.class_logits[0], out.mask_logits[0], geometry  # one <SEG>: one instance
+
+    def answer(self, image_bytes: bytes, question: str, *, max_new_tokens: int = 128) -> str:
+        """Greedy answer to a free-form question about the image (a chat item: the LLaVA-style path
+        of stage 3's chat data); what a VLMEvalKit adapter calls for the chat benchmarks."""
+        if not question.strip():
+            raise ValueError("answer needs a question")
+        record, _, _ = prediction_record("gcgseg", image_bytes)  # the image part; the task is replaced
+        record = Record(**{**record.model_dump(exclude={"captions", "meta"}), "task": "chat",
+                           "conversations": [ChatTurn(from_="human", value=question), ChatTurn(from_="gpt", value=".")]})
+        item = render_record(record, seed=0, epoch=0, templates=self.templates, options=RenderOptions(mode="eval"))[0]
+        return self._generate_caption(record, item, image_bytes, max_new_tokens)
 
     def generate_caption(self, record: Record, item: Item, image_bytes: bytes, max_new_tokens: int = 256) -> str:
         """Greedy answer to the item's first question (GCG evaluation generates its caption)."""
