@@ -408,7 +408,8 @@ def _pictures(bench: Benchmark, reports: list[Any], truths: dict[str, Any], fold
     made = []
     for report in reports:
         made.append(per_class_plot(report, folder / f"per-class-{report.task}.png", title=bench.name))
-        made.append(sample_grid(report, truths[report.task], folder / "masks.json", folder / f"samples-{report.task}.png",
+        predictions = folder / ("panoptic.json" if report.task.endswith("-panoptic") else "masks.json")
+        made.append(sample_grid(report, truths[report.task], predictions, folder / f"samples-{report.task}.png",
                                 title=bench.name))
     return [p for p in made if p is not None]
 

@@ -176,3 +176,25 @@ def test_answer_generates_for_chat_benchmarks(tiny_model, corpora):
     assert first != predictor.answer(image, "How many horses are there?", max_new_tokens=1) or len(first) <= 1
     with pytest.raises(ValueError, match="needs a question"):
         predictor.answer(image, "  ")
+
+
+def test_mlflow_ui_compare_view_shows_the_evaluation_runs(evaluations, mlflow_server, tmp_path):
+    """The MLflow UI's compare view of the two evaluation runs, in headless Chromium: both runs, the
+    `<benchmark>/<metric>` rows with the values the UI prints, and a screenshot (docs/images keeps one)."""
+    from browser import METRICS_HEADER, compare_runs_screenshot, format_metric
+    from PIL import Image
+
+    first, second, client = evaluations["first"], evaluations["second"], evaluations["client"]
+    experiment = client.get_experiment_by_name("eval-test").experiment_id
+    shown = ["refcoco-val/cIoU", "coco-panoptic-val/PQ", "grefcoco-val/N-acc", "gcg-val/METEOR"]
+    out = tmp_path / "mlflow-compare-eval.png"
+    text = compare_runs_screenshot(mlflow_server.uri, experiment, [first.run_id, second.run_id], out, metrics=shown)
+    page, table = text.split(METRICS_HEADER)
+    assert first.run_id in page and second.run_id in page and "eval-tiny-stage3" in page
+    rows = table.strip().splitlines()
+    for key in shown:
+        bench, _, metric = key.partition("/")
+        value = format_metric(first.scores[bench][metric])
+        assert f"{key}\t{value}\t{value}" in rows  # the two runs agree: the evaluation is repeatable
+    with Image.open(out) as im:
+        assert im.width == 1600 and im.height >= 1000

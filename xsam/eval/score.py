@@ -41,7 +41,7 @@ class ScoreReport:
     samples: int  # ground-truth samples scored (images, or items for referring tasks)
     missing: list[str] = field(default_factory=list)  # samples without a prediction (scored empty)
     per_class: dict[str, float] = field(default_factory=dict)  # class name -> PQ / IoU / AP
-    per_sample: dict[str, float] = field(default_factory=dict)  # sample -> IoU (referring tasks)
+    per_sample: dict[str, float] = field(default_factory=dict)  # sample -> IoU (referring) / PQ (panoptic), 0..1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,7 +112,7 @@ def _panoptic(gt: GroundTruth, path: Path) -> ScoreReport:
     images = gt.images
     _check_extra(set(preds), set(images), path, "image")
     metrics = PanopticMetrics(gt.categories)
-    missing = []
+    missing, per_sample = [], {}
     for key, record in images.items():
         gt_ids, gt_segments = gt.panoptic(record)
         pred = preds.get(key)
@@ -124,10 +124,13 @@ def _panoptic(gt: GroundTruth, path: Path) -> ScoreReport:
             if pred_ids.shape != gt_ids.shape:
                 raise PredictionError(f"{pred.png}: PNG size {list(pred_ids.shape)} != image {key} size {list(gt_ids.shape)}")
             pred_segments = [PanopticSegment(id=i, category_id=c) for i, c in pred.segments]
-        metrics.add(key, gt_ids, [PanopticSegment(id=i, category_id=c, iscrowd=crowd) for i, c, crowd in gt_segments],
-                    pred_ids, pred_segments)
+        truth = [PanopticSegment(id=i, category_id=c, iscrowd=crowd) for i, c, crowd in gt_segments]
+        metrics.add(key, gt_ids, truth, pred_ids, pred_segments)
+        one = PanopticMetrics(gt.categories)  # the image's own PQ, to pick its best and worst images
+        one.add(key, gt_ids, truth, pred_ids, pred_segments)
+        per_sample[key] = one.result()["PQ"] / 100
     per_class = {name: v["PQ"] for name, v in metrics.per_class().items()}
-    return _report(gt, metrics.result(), len(images), missing, per_class=per_class)
+    return _report(gt, metrics.result(), len(images), missing, per_class=per_class, per_sample=per_sample)
 
 
 def _semantic(gt: GroundTruth, path: Path) -> ScoreReport:
