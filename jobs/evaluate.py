@@ -362,10 +362,12 @@ def run_evaluation(
 
 
 def _collect(ds: Any, rows: dict[str, list[dict[str, Any]]], totals: dict[str, int], progress: bool) -> None:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # on stderr: stdout is for results (`xsam eval --json`)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress, transient=False) as bar:
+                  console=Console(stderr=True), disable=not progress, transient=False) as bar:
         tasks = {name: bar.add_task(f"eval {name}", total=total) for name, total in totals.items()}
         for row in ds.iter_rows():
             name = str(row["bench"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -71,10 +73,12 @@ def evaluate(
     target = TrackingTarget.from_environment(experiment) if tracking else None
     folder = out or Path("runs/eval") / (Path(checkpoint.rstrip("/")).name or "model")
     try:
-        result = run_evaluation(checkpoint, names, out=folder, config=config, data_root=data_root,
-                                num_actors=num_actors, cpus_per_actor=cpus_per_actor, address=address,
-                                tracking=target, parent_run_id=parent_run_id,
-                                log=lambda m: err_console.print(m, soft_wrap=True))
+        # MLflow prints its run links on stdout: keep stdout for the results (--json parses)
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_evaluation(checkpoint, names, out=folder, config=config, data_root=data_root,
+                                    num_actors=num_actors, cpus_per_actor=cpus_per_actor, address=address,
+                                    tracking=target, parent_run_id=parent_run_id,
+                                    log=lambda m: err_console.print(m, soft_wrap=True))
     except (BenchmarkError, GroundTruthError, InferenceLayoutError, FileNotFoundError) as err:
         fail(str(err))
     except EvaluationError as err:

@@ -66,7 +66,8 @@ def evaluations(ray_session, eval_world, mlflow_server, tiny_model, tmp_path_fac
                            parent_run_id=workflow, progress=False)
     second = run_evaluation(str(tiny_model["path"]), BENCHMARKS, out=tmp_path / "b", config=config, tracking=target,
                             progress=False)
-    return {"first": first, "second": second, "workflow": workflow, "root": tmp_path, "client": client}
+    return {"first": first, "second": second, "workflow": workflow, "root": tmp_path, "client": client,
+            "uri": mlflow_server.uri}
 
 
 def test_evaluation_is_tracked_linked_and_repeatable(evaluations, eval_world, tiny_model):
@@ -198,3 +199,19 @@ def test_mlflow_ui_compare_view_shows_the_evaluation_runs(evaluations, mlflow_se
         assert f"{key}\t{value}\t{value}" in rows  # the two runs agree: the evaluation is repeatable
     with Image.open(out) as im:
         assert im.width == 1600 and im.height >= 1000
+
+
+def test_cli_drives_a_running_ray_cluster_and_prints_json(ray_session, evaluations, eval_world, tiny_model, tmp_path):
+    """`xsam eval --address HOST:PORT`: a separate driver process joins the session's Ray head, its actors run
+    there, and `--json` prints {benchmark: {metric: value}}: the same scores as the in-process runs."""
+    config = _benchmark_file(eval_world, tmp_path / "benchmarks.yaml")
+    proc = run_cli("eval", "--checkpoint", str(tiny_model["path"]), "--benchmarks", "refcoco-val,interactive-box-val",
+                   "--config", str(config), "--address", ray_session, "--json", "--out", str(tmp_path / "out"),
+                   env={"MLFLOW_TRACKING_URI": evaluations["uri"], "MLFLOW_EXPERIMENT_NAME": "eval-cli"})
+    scores = json.loads(proc.stdout)
+    first = evaluations["first"].scores
+    assert scores == {"refcoco-val": pytest.approx(first["refcoco-val"]),
+                      "interactive-box-val": pytest.approx(first["interactive-box-val"])}
+    assert "MLflow run" in proc.stderr  # tracked, and stdout held nothing but the JSON (progress bars: stderr)
+    assert (tmp_path / "out" / "refcoco-val" / "masks.json").read_bytes() == \
+        (evaluations["root"] / "a" / "refcoco-val" / "masks.json").read_bytes()
