@@ -28,7 +28,8 @@ def evaluate(
                                              "last checkpoint)"),
     benchmarks: Optional[str] = typer.Option(None, "--benchmarks", help="comma-separated names from the benchmark "
                                              "file, e.g. refcoco-val,coco-panoptic-val"),
-    config: Path = typer.Option(Path("configs/benchmarks.yaml"), "--config", help="benchmark file"),
+    config: Optional[Path] = typer.Option(None, "--config", help="benchmark file (default: the repository's "
+                                          "configs/benchmarks.yaml)"),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="folder (or s3:// prefix) holding the "
                                             "benchmarks' dataset folders (default: the file's root)"),
     out: Optional[Path] = typer.Option(None, "--out", help="where predictions and scores go (default: "
@@ -54,6 +55,8 @@ def evaluate(
     if not checkpoint or not benchmarks:
         err_console.print(ctx.get_help())
         fail("give --checkpoint and --benchmarks (or use `xsam eval score`)")
+    from jobs.evaluate import DEFAULT_BENCHMARKS
+
     names = [n.strip() for n in benchmarks.split(",") if n.strip()]
     if address and address.startswith(("http://", "https://")):
         from jobs.submit import submit_with_files
@@ -64,7 +67,8 @@ def evaluate(
         for flag, value in (("--data-root", data_root), ("--out", out), ("--parent-run-id", parent_run_id)):
             if value:
                 argv += [flag, str(value)]
-        raise typer.Exit(submit_with_files(address, argv, {"benchmarks.yaml": config}, err_console))
+        raise typer.Exit(submit_with_files(address, argv, {"benchmarks.yaml": config or DEFAULT_BENCHMARKS},
+                                           err_console))
     from jobs.evaluate import BenchmarkError, EvaluationError, run_evaluation
     from jobs.tracking import TrackingTarget
     from xsam.eval.groundtruth import GroundTruthError
@@ -75,7 +79,8 @@ def evaluate(
     try:
         # MLflow prints its run links on stdout: keep stdout for the results (--json parses)
         with contextlib.redirect_stdout(sys.stderr):
-            result = run_evaluation(checkpoint, names, out=folder, config=config, data_root=data_root,
+            result = run_evaluation(checkpoint, names, out=folder, config=config or DEFAULT_BENCHMARKS,
+                                    data_root=data_root,
                                     num_actors=num_actors, cpus_per_actor=cpus_per_actor, address=address,
                                     tracking=target, parent_run_id=parent_run_id,
                                     log=lambda m: err_console.print(m, soft_wrap=True))

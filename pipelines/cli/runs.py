@@ -22,8 +22,8 @@ def compare(
     metric: list[str] = typer.Option([], "--metric", help="columns to show: a metric (cIoU), a benchmark "
                                      "(refcoco-val) or one column (refcoco-val/cIoU); repeatable; default: all"),
     paper: bool = typer.Option(True, "--paper/--no-paper", help="add X-SAM's published numbers as a reference row"),
-    config: Path = typer.Option(Path("configs/benchmarks.yaml"), "--config", help="benchmark file holding the "
-                                "paper's numbers"),
+    config: Optional[Path] = typer.Option(None, "--config", help="benchmark file holding the paper's numbers "
+                                          "(default: the repository's configs/benchmarks.yaml)"),
     as_csv: bool = typer.Option(False, "--csv", help="print CSV"),
     as_markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table"),
 ) -> None:
@@ -32,13 +32,15 @@ def compare(
     Example: xsam runs compare --metric cIoU --markdown
     """
     from jobs.compare import compare_runs
+    from jobs.evaluate import DEFAULT_BENCHMARKS
     from jobs.tracking import TrackingTarget, client_for
 
     if as_csv and as_markdown:
         fail("choose one of --csv and --markdown")
     target = TrackingTarget.from_environment(experiment or "xsam-eval")
     try:
-        table = compare_runs(client_for(target), target.experiment, metrics=metric, paper=paper, config=config)
+        table = compare_runs(client_for(target), target.experiment, metrics=metric, paper=paper,
+                             config=config or DEFAULT_BENCHMARKS)
     except LookupError as err:
         fail(str(err))
     for note in table.notes:
