@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, invoke_cli, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -29,7 +29,7 @@ def test_summary_of_the_paper_config_needs_no_weights() -> None:
     assert parts["llm"]["trainable"]["stage3"] == parts["llm"]["total"]
     assert parts["vision_encoder"]["trainable"]["stage3"] < parts["vision_encoder"]["total"]
     assert "tokenizer folder is not here" in doc["note"]
-    table = run_cli("model", "summary", "--config", str(PAPER)).stdout
+    table = invoke_cli("model", "summary", "--config", str(PAPER)).stdout
     assert "3,821.08" in table and "seg_connector" in table
 
 
@@ -37,11 +37,11 @@ def test_init_predict_writes_png_and_json(tmp_path: Path) -> None:
     layout = tmp_path / "tiny"
     run_cli("model", "init", "--config", str(TINY), "--random", "--out", str(layout))
     assert json.loads((layout / "xsam.json").read_text())["provenance"]["kind"] == "init"
-    again = run_cli("model", "init", "--config", str(TINY), "--random", "--out", str(layout), check=False)
+    again = invoke_cli("model", "init", "--config", str(TINY), "--random", "--out", str(layout), check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
 
     out = tmp_path / "pred" / "horses.png"
-    proc = run_cli("predict", "--model", str(TINY), "--checkpoint", str(layout), "--image", str(IMAGE),
+    proc = invoke_cli("predict", "--model", str(TINY), "--checkpoint", str(layout), "--image", str(IMAGE),
                    "--task", "refseg", "--prompt", "the horse on the left", "--out", str(out))
     assert "the horse on the left: score" in proc.stdout
     with Image.open(out) as picture:
@@ -49,13 +49,13 @@ def test_init_predict_writes_png_and_json(tmp_path: Path) -> None:
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["task"] == "refseg" and doc["image_size"] == [360, 640] and len(doc["masks"]) == 1
 
-    vgd = run_cli("predict", "--model", str(TINY), "--checkpoint", str(layout), "--image", str(IMAGE),
+    vgd = invoke_cli("predict", "--model", str(TINY), "--checkpoint", str(layout), "--image", str(IMAGE),
                   "--task", "vgdseg", "--point", "150,250", "--box", "400,150,480,300", "--out", str(tmp_path / "v.png"))
     assert vgd.returncode == 0
-    bad = run_cli("predict", "--model", str(TINY), "--checkpoint", str(layout), "--image", str(IMAGE),
+    bad = invoke_cli("predict", "--model", str(TINY), "--checkpoint", str(layout), "--image", str(IMAGE),
                   "--task", "intseg", "--point", "150", "--out", str(tmp_path / "x.png"), check=False)
     assert bad.returncode == 2 and "--point '150'" in bad.stderr
-    wrong = run_cli("predict", "--model", str(PAPER), "--checkpoint", str(layout), "--image", str(IMAGE),
+    wrong = invoke_cli("predict", "--model", str(PAPER), "--checkpoint", str(layout), "--image", str(IMAGE),
                     "--task", "refseg", "--prompt", "a horse", "--out", str(tmp_path / "y.png"), check=False)
     assert wrong.returncode == 2 and "describe different models" in wrong.stderr
 
@@ -64,7 +64,7 @@ def test_import_official_round_trip_and_strictness(tmp_path: Path) -> None:
     """A release-format file (official key names, `pytorch_model.bin`) made from a tiny layout imports
     back to the same tensors; an extra released tensor makes the import fail, naming it."""
     layout = tmp_path / "tiny"
-    run_cli("model", "init", "--config", str(TINY), "--random", "--out", str(layout))
+    invoke_cli("model", "init", "--config", str(TINY), "--random", "--out", str(layout))
     ours = load_file(layout / "model.safetensors")
     released = {ours_to_official(k): v for k, v in ours.items()}
     assert None not in released
@@ -83,6 +83,6 @@ def test_import_official_round_trip_and_strictness(tmp_path: Path) -> None:
     extra.mkdir()
     save_file({**{k: v.contiguous() for k, v in released.items()}, "pad_embeds.weight": torch.zeros(1, 4)},
               extra / "model.safetensors")
-    failed = run_cli("import-official", str(extra), "--config", str(TINY), "--out", str(tmp_path / "no"), check=False)
+    failed = invoke_cli("import-official", str(extra), "--config", str(TINY), "--out", str(tmp_path / "no"), check=False)
     assert failed.returncode == 1 and "unmatched: pad_embeds.weight" in failed.stderr
     assert not (tmp_path / "no").exists()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from xsam.data import masks as mask_codec
 from xsam.eval.groundtruth import GroundTruthError, View, load_ground_truth, record_image_key
 from xsam.eval.panoptic import id_to_rgb
@@ -190,6 +190,6 @@ def test_cli_prints_json(eval_world, tmp_path):
     assert doc["task"] == "grefseg" and doc["split"] == "val" and doc["missing"] == 1
     assert set(doc["scores"]) >= {"cIoU", "gIoU", "N-acc", "T-acc"}
     assert "scored as empty" in proc.stderr
-    bad = run_cli("eval", "score", "--task", "nope", "--gt", str(eval_world["grefcoco"]), "--pred", str(pred),
+    bad = invoke_cli("eval", "score", "--task", "nope", "--gt", str(eval_world["grefcoco"]), "--pred", str(pred),
                   check=False)
     assert bad.returncode == 2 and "unknown --task 'nope'" in bad.stderr
