@@ -247,8 +247,8 @@ def _write_predictions(bench: Benchmark, rows: list[dict[str, Any]], folder: Pat
         for r, res in zip(ok, results):
             name = f"{r['unit']}.png"
             (png_dir / name).write_bytes(r["png"])
-            image_id = res["semantic"][0]["image_id"] if res["semantic"] else r["unit"]
-            annotations.append({"image_id": image_id, "file_name": name, "segments_info": res["panoptic"]["segments_info"]})
+            annotations.append({"image_id": res["panoptic"]["image_id"], "file_name": name,
+                                "segments_info": res["panoptic"]["segments_info"]})
         files[f"{task}-panoptic"] = _dump(folder / "panoptic.json", {"annotations": annotations})
         files[f"{task}-semantic"] = _dump(folder / "semantic.json", [e for res in results for e in res["semantic"]])
         files[f"{task}-instance"] = _dump(folder / "instance.json", [e for res in results for e in res["instance"]])

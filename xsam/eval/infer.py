@@ -62,7 +62,7 @@ class UnitPredictor:
 
     def genseg(self, record: Record, item: Item, image: bytes, categories: Sequence[dict[str, Any]],
                thing_ids: set[int] | None = None) -> dict[str, Any]:
-        """{"panoptic": {"png", "segments_info"}, "semantic": [...], "instance": [...]} for one record."""
+        """{"panoptic": {"png", "image_id", "segments_info"}, "semantic": [...], "instance": [...]} for one record."""
         class_logits, mask_logits, geometry = self.predictor.forward_item(record, item, image)
         span_category = [s.category_id for s in item.spans]
         thing = {c["id"]: bool(c.get("isthing", True)) for c in categories}
@@ -74,8 +74,8 @@ class UnitPredictor:
                                    threshold=self.post.panoptic_threshold, overlap_threshold=self.post.overlap_threshold,
                                    mask_threshold=self.post.mask_threshold)
         ids = pan.segmentation.cpu().numpy()
-        panoptic = {"png": id_png(ids), "segments_info": [{"id": s.id, "category_id": span_category[s.label]}
-                                                           for s in pan.segments]}
+        panoptic = {"png": id_png(ids), "image_id": image_id,
+                    "segments_info": [{"id": s.id, "category_id": span_category[s.label]} for s in pan.segments]}
         sem = postprocess.semantic(class_logits, mask_logits, restore).cpu().numpy()
         semantic = [{"image_id": image_id, "category_id": span_category[k], "segmentation": rle_json(sem == k),
                      "score": 1.0} for k in np.unique(sem).tolist()]
