@@ -193,3 +193,25 @@ def test_cli_prints_json(eval_world, tmp_path):
     bad = invoke_cli("eval", "score", "--task", "nope", "--gt", str(eval_world["grefcoco"]), "--pred", str(pred),
                   check=False)
     assert bad.returncode == 2 and "unknown --task 'nope'" in bad.stderr
+
+
+def test_reasoning_scores_short_and_long_queries_apart(task_world, tmp_path):
+    """ReasonSeg (the example's train split: the only one the sample has) scored per query, grouped by the
+    query's kind as X-SAM's test table is (short / long); the ignore shapes stay out of I and U."""
+    dataset = task_world["reasonseg"]
+    gt = load_ground_truth("reaseg", dataset, split="train")
+    samples = list(gt.referring_samples())
+    assert {s.group for s in samples} <= {"short", "long"} and len(samples) == sum(len(r.phrases) for r in gt.records)
+    entries = [{"key": s.key, "segmentation": _rle(s.gt_mask())} for s in samples]
+    report = score("reaseg", dataset, _write(tmp_path / "r.json", entries), split="train")
+    assert report.scores["gIoU"] == pytest.approx(100.0) and report.scores["cIoU"] == pytest.approx(100.0)
+    for group in {s.group for s in samples}:
+        assert report.scores[f"{group}/gIoU"] == pytest.approx(100.0)
+    # predicting the whole image: the ignore region (when a record has one) is not counted as a miss
+    whole = [{"key": s.key, "segmentation": _rle(np.ones_like(s.gt_mask()))} for s in samples]
+    report = score("reaseg", dataset, _write(tmp_path / "w.json", whole), split="train")
+    expected = []
+    for s in samples:
+        keep = ~s.ignore() if s.ignore() is not None else np.ones_like(s.gt_mask())
+        expected.append((s.gt_mask() & keep).sum() / keep.sum())
+    assert report.scores["gIoU"] == pytest.approx(100 * np.mean(expected))
