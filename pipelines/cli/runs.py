@@ -51,11 +51,19 @@ def compare(
     if as_markdown:
         print(table.to_markdown(), end="")
         return
-    shown = Table(title=f"evaluation runs of {table.experiment} ({target.shown()})", box=box.SIMPLE_HEAD,
-                  title_justify="left")
-    for i, name in enumerate(table.header()):  # "benchmark" over "metric" keeps the columns narrow
-        shown.add_column(name.replace("/", "\n", 1) if i >= 2 else name, justify="right" if i >= 2 else "left",
-                         overflow="fold")
-    for cells in table.cells():
-        shown.add_row(*cells)
+    title = f"evaluation runs of {table.experiment} ({target.shown()})"
+    cells = table.cells()
+    shown = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    if len(table.columns) > len(cells):  # more metrics than runs: one row per metric reads better
+        shown.add_column("benchmark / metric")
+        for row, line in zip(table.rows, cells):
+            shown.add_column(f"{row['run']}\n{line[1]}", justify="right", overflow="fold")
+        for k, column in enumerate(table.columns):
+            shown.add_row(column, *(line[2 + k] for line in cells))
+    else:
+        for i, name in enumerate(table.header()):  # "benchmark" over "metric" keeps the columns narrow
+            shown.add_column(name.replace("/", "\n", 1) if i >= 2 else name, justify="right" if i >= 2 else "left",
+                             overflow="fold")
+        for line in cells:
+            shown.add_row(*line)
     out_console.print(shown)

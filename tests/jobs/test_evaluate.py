@@ -170,6 +170,12 @@ def test_runs_compare_lays_out_runs_against_the_paper(evaluations, mlflow_server
     lines = md.splitlines()
     assert lines[0] == "| run | run_id | grefcoco-val/cIoU | interactive-box-val/cIoU | refcoco-val/cIoU |"
     assert lines[-1].startswith("| X-SAM (paper) |  |  | 75.40 | 85.10 |")
+    shown = invoke_cli("runs", "compare", "--experiment", "eval-test", "--metric", "refcoco-val", "--metric",
+                       "coco-panoptic-val", env=env).stdout
+    # on a terminal, more metrics than runs: one row per metric, one column per run, the paper's last
+    assert "benchmark / metric" in shown
+    row = next(line.split() for line in shown.splitlines() if line.strip().startswith("refcoco-val/cIoU"))
+    assert row == ["refcoco-val/cIoU", *[f"{first.scores['refcoco-val']['cIoU']:.2f}"] * 2, "85.10"]
     missing = run_cli("runs", "compare", "--experiment", "nope", env=env, check=False)
     assert missing.returncode == 2 and "no MLflow experiment 'nope'" in missing.stderr
 
