@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 from collections.abc import Callable
@@ -35,10 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-log = logging.getLogger("xsam.eval")
-
 DEFAULT_BENCHMARKS = Path(__file__).resolve().parents[1] / "configs" / "benchmarks.yaml"
-RECORD_TASKS = ("genseg", "ovseg", "refseg", "grefseg", "reaseg", "gcgseg", "intseg", "vgdseg")
 VIEW_METRICS = {
     "panoptic": ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"),
     "semantic": ("mIoU", "fwIoU", "mACC", "pACC"),
@@ -137,14 +133,9 @@ def _ground_truth(bench: Benchmark, score_task: str):
 def resolve_checkpoint(checkpoint: str, into: Path) -> tuple[Path, str | None]:
     """(local inference folder, the MLflow run that trained it) for a local / s3:// inference folder,
     a training checkpoint or `runs:/RUN_ID` (that run's last checkpoint)."""
-    from jobs.train import fetch_parent
+    from jobs.train import fetch_parent  # its run id: runs:/ID, or the folder's xsam.json / trainer.json
 
-    folder, run_id = fetch_parent(checkpoint, into, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
-    if run_id is None:
-        from xsam.model.export import read_meta
-
-        run_id = (read_meta(folder).get("provenance") or {}).get("mlflow_run_id")
-    return folder, run_id
+    return fetch_parent(checkpoint, into, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
 
 
 class PredictActor:
@@ -162,21 +153,11 @@ class PredictActor:
         self.unit = UnitPredictor(Predictor(load_inference(checkpoint)))
         self.benchmarks = benchmarks
         self.readers: dict[str, Any] = {}
-        self.truths: dict[str, Any] = {}
-
-    def _truth(self, bench: str):
-        """An empty GroundTruth of the benchmark: what `evaluation_items` needs (view, categories)."""
-        from xsam.eval.groundtruth import GroundTruth, View
-
-        if bench not in self.truths:
-            b = self.benchmarks[bench]
-            self.truths[bench] = GroundTruth(task=b["score_task"], dataset=b["dataset"], split=b["split"], version="",
-                                             corpus=b["corpus"], categories=b["categories"], records=[], shards=[],
-                                             view=View.from_mapping(b["ground_truth"], bench))
-        return self.truths[bench]
+        self.views: dict[str, Any] = {}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         from xsam.data.shards import RecordReader
+        from xsam.eval.groundtruth import View, evaluation_items
 
         out: dict[str, list[Any]] = {"bench": [], "unit": [], "payload": [], "png": [], "error": []}
         for bench, shard, key, index in zip(batch["bench"], batch["shard"], batch["key"], batch["item"]):
@@ -189,7 +170,10 @@ class PredictActor:
                 if reader is None:
                     reader = self.readers[b["dataset"]] = RecordReader(b["dataset"])
                 stored = reader.get(str(shard), str(key))
-                record, items = self._truth(bench).evaluation_items(stored.record)
+                view = self.views.get(bench)
+                if view is None:
+                    view = self.views[bench] = View.from_mapping(b["ground_truth"], bench)
+                record, items = evaluation_items(b["score_task"], stored.record, view=view, categories=b["categories"])
                 item = items[index]
                 task = b["task"]
                 if task in ("genseg", "ovseg"):
@@ -307,8 +291,8 @@ def run_evaluation(
     actor_args = {}
     for bench in benches:
         gt = next(iter(truths[bench.name].values()))
-        actor_args[bench.name] = {"dataset": bench.dataset, "task": bench.spec.task, "split": gt.split,
-                                  "score_task": gt.task, "corpus": gt.corpus, "categories": gt.categories,
+        actor_args[bench.name] = {"dataset": bench.dataset, "task": bench.spec.task, "score_task": gt.task,
+                                  "categories": gt.categories,
                                   "ground_truth": bench.spec.ground_truth}
 
     tracker, run_id = _start_tracking(tracking, checkpoint, benches, truths, training_run, parent_run_id, log)

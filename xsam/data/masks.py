@@ -25,6 +25,12 @@ def encode(mask: np.ndarray) -> RLE:
     return make_rle(int(rle["size"][0]), int(rle["size"][1]), rle["counts"].decode("ascii"))
 
 
+def encode_json(mask: np.ndarray) -> dict:
+    """`encode`, as the JSON object prediction files hold: {"size": [h, w], "counts": str}."""
+    rle = encode(mask)
+    return {"size": list(rle.size), "counts": rle.counts}
+
+
 def decode(rle: RLE | dict) -> np.ndarray:
     """Decode compressed RLE (model or COCO dict) to a boolean (H, W) array."""
     coco = to_coco(rle)

@@ -289,51 +289,56 @@ def read_records(
     """Every record of the dataset at `path` (local or s3://) whose split is in `splits` (default:
     all), in shard order, each shard verified against the manifest as the loader does. Evaluation
     reads its ground truth this way; `images=True` also returns each record's encoded image."""
-    from xsam.data.mixture import SourceSpec
-    from xsam.data.plan import open_source
-
     known = dataset_splits(path)
     unknown = sorted(set(splits or []) - set(known))
     if unknown:
         raise ValueError(f"{path} has no split(s) {', '.join(unknown)}; it holds {', '.join(known) or 'none'}")
-    source = open_source(SourceSpec(name="records", path=str(path), repetitions=1.0, splits=splits))
-    reader = ShardReader(source, cache or ShardCache())
+    reader = RecordReader(path, cache, splits=splits)
     wanted = set(splits) if splits is not None else None
     try:
-        for k, info in enumerate(source.shards):
+        for info in reader.source.shards:
             if info.items == 0:
                 continue
-            opened = reader.shard(k)
-            for key in opened.keys:
-                sample = ShardSample.model_validate_json(opened.read(key, "json"))
-                record = sample.record
-                if wanted is not None and record.source.split not in wanted:
-                    continue
-                image = opened.read(key, record.image.ext) if images and record.image is not None else None
-                yield StoredRecord(record=record, items=sample.items, image=image, shard=info.name)
+            for key in reader.keys(info.name):
+                stored = reader.get(info.name, key, image=images, splits=wanted)
+                if stored is not None:
+                    yield stored
     finally:
         reader.close()
 
 
 class RecordReader:
     """Random access to a dataset folder's records by (shard name, record key): what evaluation
-    workers use to fetch the records the driver assigned them (verified and cached like the loader)."""
+    workers use to fetch the records the driver assigned them (verified and cached like the loader).
+    `splits` leaves out the shards that hold none of them."""
 
-    def __init__(self, path: str | Path, cache: ShardCache | None = None) -> None:
+    def __init__(self, path: str | Path, cache: ShardCache | None = None, *, splits: list[str] | None = None) -> None:
         from xsam.data.mixture import SourceSpec
         from xsam.data.plan import open_source
 
-        source = open_source(SourceSpec(name="records", path=str(path), repetitions=1.0))
+        self.source = open_source(SourceSpec(name="records", path=str(path), repetitions=1.0, splits=splits))
         self.path = str(path)
-        self.reader = ShardReader(source, cache or ShardCache())
-        self.shards = {info.name: k for k, info in enumerate(source.shards)}
+        self.reader = ShardReader(self.source, cache or ShardCache())
+        self.shards = {info.name: k for k, info in enumerate(self.source.shards)}
 
-    def get(self, shard: str, key: str, *, image: bool = True) -> StoredRecord:
+    def _index(self, shard: str) -> int:
         k = self.shards.get(shard)
         if k is None:
             raise ShardError(f"{self.path}: the manifest lists no shard {shard}")
+        return k
+
+    def keys(self, shard: str) -> list[str]:
+        """The record keys of a shard, in shard order."""
+        return self.reader.shard(self._index(shard)).keys
+
+    def get(self, shard: str, key: str, *, image: bool = True, splits: set[str] | None = None) -> StoredRecord | None:
+        """The record (and its image); None when `splits` is given and the record's split is not in it
+        (its image is then not read)."""
+        k = self._index(shard)
         sample = ShardSample.model_validate_json(self.reader.read(k, key, "json"))
         record = sample.record
+        if splits is not None and record.source.split not in splits:
+            return None
         data = self.reader.read(k, key, record.image.ext) if image and record.image is not None else None
         return StoredRecord(record=record, items=sample.items, image=data, shard=shard)
 

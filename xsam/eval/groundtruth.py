@@ -69,12 +69,17 @@ def image_key(value: Any) -> str:
     return str(int(text)) if text.isdigit() else text
 
 
-def record_image_key(record: Record) -> str:
+def upstream_image_id(record: Record) -> Any:
+    """The record's upstream image id as the corpus gives it (what prediction files carry)."""
     ids = record.source.upstream_ids
     for name in ("image_id", "image", "id"):
         if name in ids:
-            return image_key(ids[name])
+            return ids[name]
     return record.key
+
+
+def record_image_key(record: Record) -> str:
+    return image_key(upstream_image_id(record))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -203,13 +208,7 @@ class GroundTruth:
         return {record_image_key(r): i + 1 for i, r in enumerate(self.records)}
 
     def evaluation_items(self, record: Record) -> tuple[Record, list[Item]]:
-        """The record as the view sees it (`prompted`) and its evaluation items: the fixed evaluation
-        seed, template 0, the dataset's whole vocabulary for genseg / ovseg (in id order)."""
-        record = self.prompted(record)
-        vocabulary = vocabulary_from_table(self.categories) if RECORD_TASK[self.task] in ("genseg", "ovseg") else None
-        items = render_record(record, seed=EVAL_SEED, epoch=0, templates=load_templates(),
-                              options=RenderOptions(mode="eval"), vocabulary=vocabulary)
-        return record, items
+        return evaluation_items(self.task, record, view=self.view, categories=self.categories)
 
     def referring_samples(self) -> Iterator[ReferringSample]:
         """The evaluation items of a referring-style task, in record order."""
@@ -232,15 +231,7 @@ class GroundTruth:
                                       group=group, aliases=aliases)
 
     def prompted(self, record: Record) -> Record:
-        """`record` with only the visual prompts of the view's `prompt_kind` (all without one)."""
-        kind = self.view.prompt_kind
-        if kind is None or not record.visual_prompts:
-            return record
-        kept = [vp for vp in record.visual_prompts if vp.kind == kind]
-        if not kept:
-            raise GroundTruthError(f"record {record.key} has no {kind} prompt (it has"
-                                   f" {', '.join(sorted({vp.kind for vp in record.visual_prompts}))})")
-        return record.model_copy(update={"visual_prompts": kept})
+        return prompted(record, self.view.prompt_kind)
 
     def gcg_samples(self) -> Iterator[tuple[Record, list[str], list[np.ndarray]]]:
         """(record, phrases, one mask per phrase) of every GCG record."""
@@ -256,6 +247,28 @@ class GroundTruth:
                     m |= mask_codec.decode(record.segments[s].rle)
                 phrase_masks.append(m)
             yield record, list(record.phrases), phrase_masks
+
+
+def prompted(record: Record, kind: str | None) -> Record:
+    """`record` with only its visual prompts of `kind` (all of them when `kind` is None)."""
+    if kind is None or not record.visual_prompts:
+        return record
+    kept = [vp for vp in record.visual_prompts if vp.kind == kind]
+    if not kept:
+        raise GroundTruthError(f"record {record.key} has no {kind} prompt (it has"
+                               f" {', '.join(sorted({vp.kind for vp in record.visual_prompts}))})")
+    return record.model_copy(update={"visual_prompts": kept})
+
+
+def evaluation_items(task: str, record: Record, *, view: View, categories: list[dict[str, Any]]
+                     ) -> tuple[Record, list[Item]]:
+    """The record as the view sees it (`prompted`) and its evaluation items for scoring task `task`: the
+    fixed evaluation seed, template 0, the dataset's whole vocabulary for genseg / ovseg (in id order)."""
+    record = prompted(record, view.prompt_kind)
+    vocabulary = vocabulary_from_table(categories) if RECORD_TASK[task] in ("genseg", "ovseg") else None
+    items = render_record(record, seed=EVAL_SEED, epoch=0, templates=load_templates(),
+                          options=RenderOptions(mode="eval"), vocabulary=vocabulary)
+    return record, items
 
 
 def choose_split(dataset: str | Path, split: str | None) -> str:

@@ -25,25 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xsam.data import masks as mask_codec
 from xsam.data.schema import Item, Record
+from xsam.data import masks as mask_codec
 from xsam.data.vprompts import rasterise_prompt
+from xsam.eval.groundtruth import upstream_image_id
 from xsam.eval.panoptic import id_to_rgb
 from xsam.model import postprocess
 from xsam.model.predict import Predictor, grounded_item
-
-
-def rle_json(mask: np.ndarray) -> dict[str, Any]:
-    rle = mask_codec.encode(mask)
-    return {"size": list(rle.size), "counts": rle.counts}
-
-
-def upstream_image_id(record: Record) -> Any:
-    ids = record.source.upstream_ids
-    for name in ("image_id", "image", "id"):
-        if name in ids:
-            return ids[name]
-    return record.key
 
 
 def id_png(ids: np.ndarray) -> bytes:
@@ -77,11 +65,11 @@ class UnitPredictor:
         panoptic = {"png": id_png(ids), "image_id": image_id,
                     "segments_info": [{"id": s.id, "category_id": span_category[s.label]} for s in pan.segments]}
         sem = postprocess.semantic(class_logits, mask_logits, restore).cpu().numpy()
-        semantic = [{"image_id": image_id, "category_id": span_category[k], "segmentation": rle_json(sem == k),
+        semantic = [{"image_id": image_id, "category_id": span_category[k], "segmentation": mask_codec.encode_json(sem == k),
                      "score": 1.0} for k in np.unique(sem).tolist()]
         inst = postprocess.instance(class_logits, mask_logits, restore, is_thing=instance_thing,
                                     threshold=0.0, mask_threshold=self.post.mask_threshold)
-        instance = [{"image_id": image_id, "category_id": span_category[label], "segmentation": rle_json(m.cpu().numpy()),
+        instance = [{"image_id": image_id, "category_id": span_category[label], "segmentation": mask_codec.encode_json(m.cpu().numpy()),
                      "score": round(float(score), 6)}
                     for m, label, score in zip(inst.masks, inst.labels.tolist(), inst.scores.tolist())]
         return {"panoptic": panoptic, "semantic": semantic, "instance": instance}
@@ -95,7 +83,7 @@ class UnitPredictor:
                                                       score_threshold=self.post.gres_score_threshold,
                                                       mask_threshold=self.post.mask_threshold)
             mask = found.mask.cpu().numpy()
-            return {"key": item.key, "segmentation": None if found.empty else rle_json(mask), "score": found.score}
+            return {"key": item.key, "segmentation": None if found.empty else mask_codec.encode_json(mask), "score": found.score}
         if task == "intseg":
             prompt = record.visual_prompts[item.spans[0].prompt_index]
             h, w = geometry.original_size
@@ -105,7 +93,7 @@ class UnitPredictor:
                                              mask_threshold=self.post.mask_threshold)
         else:
             found1 = postprocess.referring(class_logits, mask_logits, restore, mask_threshold=self.post.mask_threshold)
-        return {"key": item.key, "segmentation": rle_json(found1.mask.cpu().numpy()), "score": found1.score}
+        return {"key": item.key, "segmentation": mask_codec.encode_json(found1.mask.cpu().numpy()), "score": found1.score}
 
     def vgdseg(self, record: Record, item: Item, image: bytes) -> list[dict[str, Any]]:
         """COCO results: instance detections over the prompted regions, labelled with each region's category."""
@@ -119,7 +107,7 @@ class UnitPredictor:
         found = postprocess.instance(class_logits, mask_logits, geometry.restore, is_thing=None, threshold=0.0,
                                      mask_threshold=self.post.mask_threshold)
         image_id = upstream_image_id(record)
-        return [{"image_id": image_id, "category_id": categories[label], "segmentation": rle_json(m.cpu().numpy()),
+        return [{"image_id": image_id, "category_id": categories[label], "segmentation": mask_codec.encode_json(m.cpu().numpy()),
                  "score": round(float(score), 6)}
                 for m, label, score in zip(found.masks, found.labels.tolist(), found.scores.tolist())
                 if categories[label] is not None]
@@ -137,6 +125,6 @@ class UnitPredictor:
                                                                num_phrases=len(phrases),
                                                                mask_threshold=self.post.mask_threshold)):
             out["phrases"].append(phrase)
-            out["segmentations"].append(rle_json(found.mask.cpu().numpy()))
+            out["segmentations"].append(mask_codec.encode_json(found.mask.cpu().numpy()))
             out["scores"].append(round(found.score, 6))
         return out

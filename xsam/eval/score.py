@@ -125,10 +125,10 @@ def _panoptic(gt: GroundTruth, path: Path) -> ScoreReport:
                 raise PredictionError(f"{pred.png}: PNG size {list(pred_ids.shape)} != image {key} size {list(gt_ids.shape)}")
             pred_segments = [PanopticSegment(id=i, category_id=c) for i, c in pred.segments]
         truth = [PanopticSegment(id=i, category_id=c, iscrowd=crowd) for i, c, crowd in gt_segments]
-        metrics.add(key, gt_ids, truth, pred_ids, pred_segments)
-        one = PanopticMetrics(gt.categories)  # the image's own PQ, to pick its best and worst images
+        one = PanopticMetrics(gt.categories)  # the image's own PQ (its best and worst images), then the total
         one.add(key, gt_ids, truth, pred_ids, pred_segments)
         per_sample[key] = one.result()["PQ"] / 100
+        metrics.merge(one)
     per_class = {name: v["PQ"] for name, v in metrics.per_class().items()}
     return _report(gt, metrics.result(), len(images), missing, per_class=per_class, per_sample=per_sample)
 

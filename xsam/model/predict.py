@@ -52,9 +52,8 @@ class PredictedMask:
     mask: np.ndarray  # [H, W] bool
 
     def to_json(self) -> dict[str, Any]:
-        rle = mask_codec.encode(self.mask)
         return {"label": self.label, "score": round(self.score, 6), "area": int(self.mask.sum()),
-                "rle": {"size": list(rle.size), "counts": rle.counts}}
+                "rle": mask_codec.encode_json(self.mask)}
 
 
 @dataclass(kw_only=True)
