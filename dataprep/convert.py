@@ -122,8 +122,11 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj)).hexdigest()
 
 
-def prepare(converter: Converter, storage: Storage, params: ConvertParams) -> Prepared:
-    """Plan the conversion and decide what the output folder already holds."""
+def prepare(converter: Converter, storage: Storage, params: ConvertParams, *, replace: bool = False) -> Prepared:
+    """Plan the conversion and decide what the output folder already holds.
+
+    A folder holding another dataset (or an unfinished conversion of other inputs) is refused, or,
+    with `replace`, emptied first (a workflow re-running a conversion whose inputs changed)."""
     plan = converter.plan()
     templates = load_templates(params.templates)
     parameters = {
@@ -153,20 +156,24 @@ def prepare(converter: Converter, storage: Storage, params: ConvertParams) -> Pr
         if meta.get("digest") == digest:
             prepared.complete = True
             return prepared
-        raise InputError(
-            f"{storage.url} already holds a different dataset (corpus {meta.get('corpus')}, "
-            f"parameters {meta.get('parameters')}); write to another --out or delete that folder"
-        )
+        if not replace:
+            raise InputError(
+                f"{storage.url} already holds a different dataset (corpus {meta.get('corpus')}, "
+                f"parameters {meta.get('parameters')}); write to another --out, delete that folder, or convert with --replace"
+            )
+        storage.delete_prefix("")  # --replace: the other dataset goes
     plan_rel = f"{WORK_DIR}/plan.json"
     if storage.exists(plan_rel):
         previous = json.loads(storage.get_bytes(plan_rel))
         if previous.get("digest") != digest:
-            raise InputError(
-                f"{storage.url} holds an unfinished conversion with other inputs or parameters "
-                f"({previous.get('identity', {}).get('parameters')}); re-run it with the same command, "
-                "or delete the folder to start over"
-            )
-    else:
+            if not replace:
+                raise InputError(
+                    f"{storage.url} holds an unfinished conversion with other inputs or parameters "
+                    f"({previous.get('identity', {}).get('parameters')}); re-run it with the same command, "
+                    "or delete the folder to start over (or convert with --replace)"
+                )
+            storage.delete_prefix("")  # --replace: the other conversion's pieces go
+    if not storage.exists(plan_rel):
         storage.put_bytes(plan_rel, canonical_json({"digest": digest, "identity": identity, "units": len(units)}))
     return prepared
 

@@ -53,8 +53,10 @@ def run_conversion(
     num_workers: int | None = None,
     address: str | None = None,
     console: Console | None = None,
+    replace: bool = False,
 ) -> ConvertOutcome:
-    """Convert CORPUS into OUT with Ray tasks; resumable and idempotent (see `dataprep.convert`)."""
+    """Convert CORPUS into OUT with Ray tasks; resumable and idempotent (see `dataprep.convert`).
+    `replace`: a folder holding another dataset is emptied first instead of refused."""
     if not address and not os.environ.get("RAY_ADDRESS"):
         # the embedded Ray is single-machine: bind it to loopback, not the host's address
         # (Ray reads this when it is imported)
@@ -67,7 +69,7 @@ def run_conversion(
     storage = open_storage(out)
     converter = get_converter(corpus)(**inputs)
     console.print(f"[bold]{corpus}[/]: planning from the annotations ...")
-    prepared = prepare(converter, storage, params)
+    prepared = prepare(converter, storage, params, replace=replace)
     if prepared.complete:
         cleanup_complete(storage)
         import json

@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +67,33 @@ def submit(address: str, argv: list[str], console: Console | None = None,
     entrypoint = shlex.join(["xsam", *argv])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None)
     console.print(f"submitted Ray job [bold]{job_id}[/] to {address}: {entrypoint}", soft_wrap=True)
+    status = follow_job(client, job_id)
+    console.print(f"Ray job {job_id}: {status}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
+
+def follow_job(client: Any, job_id: str, *, prefix: str = "") -> Any:
+    """Copy a Ray Job's logs to stdout (each line after `prefix`) until it ends; its final status.
+    Safe to call from several threads at once (each follows in its own event loop)."""
     async def follow() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            sys.stdout.write(lines)
+        partial = ""
+        async for chunk in client.tail_job_logs(job_id):
+            if not prefix:
+                sys.stdout.write(chunk)
+            else:
+                partial += chunk
+                *lines, partial = partial.split("\n")
+                sys.stdout.write("".join(f"{prefix}{line}\n" for line in lines))
             sys.stdout.flush()
+        if partial:
+            sys.stdout.write(f"{prefix}{partial}\n")
 
     asyncio.run(follow())
     status = client.get_job_status(job_id)
-    console.print(f"Ray job {job_id}: {status}")
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    while not status.is_terminal():  # the log stream can end a moment before the status does
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    return status
 
 
 def submit_training(address: str, recipe: Any, argv: list[str], console: Console | None = None) -> int:

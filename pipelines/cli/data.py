@@ -52,6 +52,10 @@ def convert(
     verify: str = typer.Option("structural", help="image validation: structural (cheap) or full (decode)"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="reject images declaring more pixels"),
     templates: Optional[Path] = typer.Option(None, help="instruction templates YAML replacing the packaged one"),
+    replace: bool = typer.Option(False, "--replace", help="--out holds another dataset (other inputs or "
+                                 "parameters): delete it and convert, instead of refusing"),
+    result_json: Optional[str] = typer.Option(None, "--result-json", help="write what was made (dataset, version, "
+                                              "counts) to this JSON file, local or s3:// (workflow steps read it)"),
 ) -> None:
     """Convert an upstream corpus into shards (a Ray job; resumable, byte-reproducible).
 
@@ -81,6 +85,10 @@ def convert(
             argv += ["--templates", str(templates)]
         argv += ["--shard-max-samples", str(shard_max_samples), "--shard-max-bytes", str(shard_max_bytes)]
         argv += ["--verify", verify, "--max-pixels", str(max_pixels)]
+        if replace:
+            argv.append("--replace")
+        if result_json:
+            argv += ["--result-json", result_json]
         raise typer.Exit(submit_job(address, argv, err_console))
 
     from jobs.convert import run_conversion
@@ -93,9 +101,19 @@ def convert(
             max_pixels=max_pixels,
             templates=str(templates) if templates else None,
         )
-        run_conversion(corpus, out, inputs, params, num_workers=num_workers, address=address, console=err_console)
+        outcome = run_conversion(corpus, out, inputs, params, num_workers=num_workers, address=address,
+                                 console=err_console, replace=replace)
     except (InputError, ValueError) as err:
         fail(str(err))
+    if result_json:
+        from jobs.outcome import dataset_version, write_result
+
+        write_result(result_json, {
+            "kind": "convert", "corpus": corpus, "dataset": open_storage(out).url, "version": dataset_version(out),
+            "digest": outcome.meta.get("digest"), "totals": outcome.meta.get("totals"),
+            "already_complete": outcome.already_complete, "converted_units": outcome.converted_units,
+            "reused_units": outcome.reused_units,
+        })
 
 
 @app.command("list-corpora")
@@ -216,11 +234,14 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
 
 @app.command("lint")
 def lint(
-    dataset: str = typer.Argument(..., help="dataset folder or s3://bucket/prefix"),
+    datasets: list[str] = typer.Argument(..., help="dataset folder(s) or s3://bucket/prefix"),
     verify: str = typer.Option(
         "full", help="full (default: decode every image and mask) or structural (markers/CRCs/run sums only)"
     ),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object (the report)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON (one object; a list for several "
+                                 "datasets)"),
+    result_json: Optional[str] = typer.Option(None, "--result-json", help="write each dataset's version and verdict "
+                                              "to this JSON file, local or s3:// (workflow steps read it)"),
 ) -> None:
     """Re-read every shard and check it against the manifest, the index and dataset.json.
 
@@ -231,27 +252,40 @@ def lint(
 
     if verify not in ("structural", "full"):
         fail(f"--verify must be 'structural' or 'full', got {verify!r}")
-    try:
-        report = lint_dataset(open_storage(dataset), verify=verify, console=None if as_json else err_console)
-    except ValueError as err:
-        fail(str(err))
-    except _storage_errors() as err:
-        fail(f"cannot read {dataset}: {type(err).__name__}: {err}")
+    reports = []
+    for dataset in datasets:
+        try:
+            reports.append(lint_dataset(open_storage(dataset), verify=verify, console=None if as_json else err_console))
+        except ValueError as err:
+            fail(str(err))
+        except _storage_errors() as err:
+            fail(f"cannot read {dataset}: {type(err).__name__}: {err}")
+    ok = all(r.ok for r in reports)
+    if result_json:
+        from jobs.outcome import write_result
+
+        write_result(result_json, {"kind": "lint", "ok": ok, "verify": verify, "datasets": [
+            {"dataset": d, "version": r.version, "ok": r.ok, "problems": len(r.problems), "samples": r.samples}
+            for d, r in zip(datasets, reports)]})
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
-        raise typer.Exit(0 if report.ok else 1)
-    for problem in report.problems:
-        out_console.print(problem.render(), markup=False, highlight=False, soft_wrap=True)
-    checked = (
-        f"{report.shards} shards, {report.samples} samples, {report.items} items, {report.masks} masks "
-        f"(images: {report.verify})"
-    )
-    version = f" version {report.version[:16]}" if report.version else ""
-    if report.ok:
-        out_console.print(f"[green]ok[/]: {report.path}{version}: {checked}; every check holds", soft_wrap=True)
-        return
-    out_console.print(f"[red]{len(report.problems)} problem(s)[/] in {report.path}{version}: {checked}", soft_wrap=True)
-    raise typer.Exit(1)
+        docs = [r.to_dict() for r in reports]
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2, sort_keys=True))
+        raise typer.Exit(0 if ok else 1)
+    for report in reports:
+        for problem in report.problems:
+            out_console.print(problem.render(), markup=False, highlight=False, soft_wrap=True)
+        checked = (
+            f"{report.shards} shards, {report.samples} samples, {report.items} items, {report.masks} masks "
+            f"(images: {report.verify})"
+        )
+        version = f" version {report.version[:16]}" if report.version else ""
+        if report.ok:
+            out_console.print(f"[green]ok[/]: {report.path}{version}: {checked}; every check holds", soft_wrap=True)
+        else:
+            out_console.print(f"[red]{len(report.problems)} problem(s)[/] in {report.path}{version}: {checked}",
+                              soft_wrap=True)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command("preview")

@@ -45,6 +45,8 @@ def evaluate(
     parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id", envvar="XSAM_PARENT_RUN_ID",
                                                 help="MLflow run this evaluation belongs under (a workflow's run)"),
     as_json: bool = typer.Option(False, "--json", help="print the scores as one JSON object {benchmark: {metric: value}}"),
+    result_json: Optional[str] = typer.Option(None, "--result-json", help="write the scores, the failures and the "
+                                              "MLflow run to this JSON file, local or s3:// (workflow steps read it)"),
 ) -> None:
     """Evaluate a checkpoint on benchmarks with a Ray actor pool, tracked in MLflow.
 
@@ -64,7 +66,8 @@ def evaluate(
         argv = ["eval", "--checkpoint", checkpoint, "--benchmarks", ",".join(names), "--config", "benchmarks.yaml",
                 "--num-actors", str(num_actors), "--cpus-per-actor", str(cpus_per_actor),
                 "--tracking" if tracking else "--no-tracking", "--experiment", experiment]
-        for flag, value in (("--data-root", data_root), ("--out", out), ("--parent-run-id", parent_run_id)):
+        for flag, value in (("--data-root", data_root), ("--out", out), ("--parent-run-id", parent_run_id),
+                            ("--result-json", result_json)):
             if value:
                 argv += [flag, str(value)]
         raise typer.Exit(submit_with_files(address, argv, {"benchmarks.yaml": config or DEFAULT_BENCHMARKS},
@@ -88,6 +91,12 @@ def evaluate(
         fail(str(err))
     except EvaluationError as err:
         fail(str(err), code=1)
+    if result_json:
+        from jobs.outcome import write_result
+
+        write_result(result_json, {"kind": "evaluate", "checkpoint": checkpoint, "benchmarks": names,
+                                   "scores": result.scores, "failures": result.failures, "out": str(result.out),
+                                   "mlflow_run_id": result.run_id})
     if as_json:
         print(json.dumps(result.scores, sort_keys=True))
         return

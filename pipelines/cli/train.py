@@ -38,6 +38,8 @@ def train(
                                   "default: ./mlruns.db)"),
     parent_run_id: Optional[str] = typer.Option(None, "--parent-run-id", envvar="XSAM_PARENT_RUN_ID",
                                                 help="MLflow run this stage belongs under (a pipeline's run)"),
+    result_json: Optional[str] = typer.Option(None, "--result-json", help="write the run's outcome (last checkpoint "
+                                              "and its id, MLflow run) to this JSON file, local or s3://"),
 ) -> None:
     """Train one stage of X-SAM from a recipe.
 
@@ -57,14 +59,14 @@ def train(
 
             argv = ["--storage", storage, "--max-failures", str(max_failures)]
             for flag, value in (("--name", name), ("--resume", resume), ("--num-workers", num_workers),
-                                ("--parent-run-id", parent_run_id)):
+                                ("--parent-run-id", parent_run_id), ("--result-json", result_json)):
                 if value is not None:
                     argv += [flag, str(value)]
             if not tracking:
                 argv.append("--no-tracking")
             raise typer.Exit(submit_training(address, resolved, argv, err_console))
         _run(resolved, storage=storage, name=name, world_size=num_workers, resume=resume, address=address,
-             max_failures=max_failures, tracking=tracking, parent_run_id=parent_run_id)
+             max_failures=max_failures, tracking=tracking, parent_run_id=parent_run_id, result_json=result_json)
         return
     doc = plan.to_dict()
     if as_json:
@@ -104,7 +106,8 @@ def train(
 
 
 def _run(recipe, *, storage: str, name: str | None, world_size: int | None, resume: str | None,
-         address: str | None, max_failures: int, tracking: bool, parent_run_id: str | None) -> None:
+         address: str | None, max_failures: int, tracking: bool, parent_run_id: str | None,
+         result_json: str | None = None) -> None:
     """Train on the Ray cluster at `address`, or on an embedded local Ray, then say where to look."""
     import os
 
@@ -128,6 +131,11 @@ def _run(recipe, *, storage: str, name: str | None, world_size: int | None, resu
     finally:
         if started:
             ray.shutdown()
+    if result_json:
+        from jobs.outcome import checkpoint_id, write_result
+
+        write_result(result_json, {"kind": "train", **result.to_dict(),
+                                   "checkpoint_id": checkpoint_id(result.checkpoint) if result.checkpoint else None})
     steps = result.steps
     if steps:
         out_console.print(f"{len(steps)} steps; loss {steps[0]['loss']:.4f} at step {steps[0]['step']} -> "
