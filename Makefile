@@ -25,14 +25,9 @@ install: $(STAMP)
 
 quickstart: install
 	$(VENV)/bin/xsam data list-corpora
-	$(VENV)/bin/xsam data convert coco-panoptic --out $(QS)/coco-panoptic \
-		--images $(CORPORA)/coco_panoptic/val2017 \
-		--annotations $(CORPORA)/coco_panoptic/annotations/panoptic_val2017.json \
-		--masks $(CORPORA)/coco_panoptic/annotations/panoptic_val2017 --num-workers 2
-	$(VENV)/bin/xsam data convert coco-instances --out $(QS)/coco-instances \
-		--images $(CORPORA)/coco_instances_polygons/val2017 \
-		--annotations $(CORPORA)/coco_instances_polygons/annotations/instances_val2017.json --num-workers 2
-	$(VENV)/bin/xsam data make-examples --corpora $(CORPORA) --out data/examples --convert $(QS) --num-workers 2
+	$(VENV)/bin/xsam data make-examples --corpora $(CORPORA) --out data/examples
+	$(VENV)/bin/xsam pipeline plan pipelines/quickstart.yaml
+	$(VENV)/bin/xsam pipeline run pipelines/quickstart.yaml
 	$(VENV)/bin/xsam data info $(QS)/*/
 	$(VENV)/bin/xsam data mix examples/mixtures/stage3-quickstart.yaml
 	$(VENV)/bin/xsam data stream examples/mixtures/stage3-quickstart.yaml --world-size 2 --rank 0 --workers 2 --limit 8
@@ -41,9 +36,8 @@ quickstart: install
 	$(VENV)/bin/xsam predict --model configs/model/tiny.yaml --checkpoint $(QSRUNS)/tiny-init \
 		--image $(CORPORA)/coco_panoptic/val2017/000000439180.jpg --task refseg \
 		--prompt "the horse on the left" --out $(QSRUNS)/predict-horse.png
-	$(VENV)/bin/xsam eval --checkpoint $(QSRUNS)/tiny-init --benchmarks refcoco-val,coco-panoptic-val \
-		--out $(QSRUNS)/eval
-	$(VENV)/bin/xsam runs compare --metric refcoco-val --metric coco-panoptic-val
+	$(VENV)/bin/xsam runs compare --experiment xsam-quickstart --metric refcoco-val --metric coco-panoptic-val
+	@echo "look at the runs: $(VENV)/bin/xsam ui   (then open http://127.0.0.1:5000, experiment xsam-quickstart)"
 
 # The test fixtures start a PostgreSQL-backed MLflow server, GCG's METEOR (pycocoevalcap) runs a Java jar and the
 # UI check drives a headless Chromium: install what is missing (and fail loudly when that is impossible).
@@ -75,4 +69,4 @@ bench-train: install
 	$(PY) benchmarks/train.py
 
 clean-quickstart:
-	rm -rf $(QS) $(QSRUNS)
+	rm -rf $(QS) $(QSRUNS) xsam-runs/pipelines/quickstart xsam-runs/quickstart-*

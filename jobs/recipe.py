@@ -139,7 +139,7 @@ class Recipe(_Strict):
         if self.data.shuffle_buffer is not None:
             doc["shuffle_buffer"] = self.data.shuffle_buffer
         try:
-            return parse_mixture(doc, source=f"recipe {self.name}: data.mixture", base=Path(self.data.root))
+            return parse_mixture(doc, source=f"recipe {self.name}: data.mixture", base=self.data.root)
         except MixtureError as err:
             raise RecipeError(str(err)) from None
 

@@ -114,7 +114,9 @@ def ensure_experiment(client, target: TrackingTarget) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(target.experiment, artifact_location=target.artifact_location)
+        # a training experiment: the MLflow UI opens it on its runs table (not the GenAI overview)
+        return client.create_experiment(target.experiment, artifact_location=target.artifact_location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # created meanwhile by another job
         found = client.get_experiment_by_name(target.experiment)
         if found is None:

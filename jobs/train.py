@@ -437,6 +437,8 @@ def _worker(config: dict[str, Any]) -> None:
             loader.load_state_dict(json.loads((own if own.is_file() else folder / LOADER_STATE.format(rank=0))
                                               .read_text()))
             step = saved["step"]
+            if rank == 0:
+                log.info("continuing from the checkpoint of step %d of %d", step, config["total_steps"])
             rng = folder / RNG_STATE.format(rank=rank)
             if rng.is_file() and saved.get("world_size") == world:  # another world size: the ranks' seeds
                 set_rng_state(json.loads(rng.read_text()))
@@ -685,8 +687,8 @@ def run_training(recipe: Recipe, *, storage: str | Path, name: str | None = None
     run_state = store.read_json(store.join(run_name, RUN_STATE)) or {}
     run_id = tracker = None
     if tracking is not None:
-        tags = {"xsam.run_name": run_name, "xsam.storage": store.url, "xsam.recipe": recipe.name,
-                "xsam.stage": recipe.stage, "xsam.precision": plan.precision,
+        tags = {"xsam.kind": "training", "xsam.run_name": run_name, "xsam.storage": store.url,
+                "xsam.recipe": recipe.name, "xsam.stage": recipe.stage, "xsam.precision": plan.precision,
                 **_lineage_tags(recipe)}
         if resume_from:
             tags["xsam.resumed_from"] = resume_from

@@ -151,6 +151,43 @@ class Runner:
         self.parent_run_id: str | None = None
         self._codes: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self._check_dataset_order()
+
+    def _check_dataset_order(self) -> None:
+        """A step that reads a dataset another step converts must come after it (`needs`)."""
+        def norm(path: str) -> str:
+            return path.rstrip("/") if "://" in path else str(Path(path).resolve())
+
+        made = {norm(s.convert.out): n for n, s in self.workflow.steps.items() if s.convert is not None}
+        upstream: dict[str, set[str]] = {}
+        for name in self.order:
+            upstream[name] = set()
+            for need in dependencies(self.workflow, name):
+                upstream[name] |= {need} | upstream[need]
+        for name, step in self.workflow.steps.items():
+            if step.train is not None:
+                from jobs.recipe import RecipeError, resolve_recipe
+
+                sets = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in step.train.set.items()]
+                try:
+                    read = [s.path for s in resolve_recipe(step.train.recipe, sets).mixture().sources]
+                except (RecipeError, FileNotFoundError) as err:
+                    raise WorkflowError(f"step {name}: {err}") from None
+            elif step.evaluate is not None:
+                from jobs.evaluate import BenchmarkError, load_benchmarks
+
+                try:
+                    read = [b.dataset for b in load_benchmarks(step.evaluate.benchmarks, config=step.evaluate.config,
+                                                               data_root=step.evaluate.data_root)]
+                except BenchmarkError as err:
+                    raise WorkflowError(f"step {name}: {err}") from None
+            else:
+                continue
+            for dataset in read:
+                maker = made.get(norm(dataset))
+                if maker and maker not in upstream[name]:
+                    raise WorkflowError(f"step {name} reads {dataset}, which step {maker} converts: add {maker} to "
+                                        f"its needs (or a step that needs it)")
 
     # ----------------------------------------------------------------------------- resolution
 
@@ -285,8 +322,6 @@ class Runner:
         key = self._key_of(inputs)
         tail = ["--benchmarks", ",".join(body.benchmarks), "--num-actors", str(body.num_actors),
                 "--cpus-per-actor", str(body.cpus_per_actor), "--result-json", self.store.result_uri(name, key)]
-        if "://" not in self.workflow.storage:
-            tail += ["--out", self._local(f"{self.workflow.storage}/eval/{self.workflow.name}-{name}-{key[:12]}")]
         if not self.tracking:
             tail.append("--no-tracking")
         root = ["--data-root", body.data_root] if body.data_root else []
@@ -379,17 +414,26 @@ class Runner:
     def run(self) -> list[Outcome]:
         from jobs.submit import init_ray
 
-        if self.tracking:
+        if self.tracking and any(d.action == "run" for d in self.plan()):
             self._start_parent_run()
+        elif self.tracking:
+            state = self.store.workflow_state() or {}
+            self.console.print(f"nothing to run: every step is cached (the last workflow run: MLflow run "
+                               f"{state.get('run_id', '?')})", soft_wrap=True)
         started_ray = False
         if not self.jobs_api:
             started_ray = init_ray(self.address, num_cpus=os.cpu_count() or 1)
-        os.environ["MLFLOW_EXPERIMENT_NAME"] = self._experiment()
+        # every step's MLflow run goes into the workflow's experiment, next to the parent run
+        experiment, os.environ["MLFLOW_EXPERIMENT_NAME"] = os.environ.get("MLFLOW_EXPERIMENT_NAME"), self._experiment()
         outcomes: dict[str, Outcome] = {}
         outputs: dict[str, dict[str, Any]] = {}
         try:
             self._walk(outcomes, outputs)
         finally:
+            if experiment is None:
+                os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+            else:
+                os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
             if started_ray:
                 import ray
 
@@ -469,10 +513,20 @@ class Runner:
                  previous: dict[str, Any] | None) -> tuple[dict[str, Any], str | None]:
         from jobs.outcome import read_result
 
-        attempt = (previous or {}).get("attempt", 0) + (0 if (previous or {}).get("status") == "running" else 1)
+        attempt = (previous or {}).get("attempt", 0) + 1
+        if self.jobs_api and self._live_job((previous or {}).get("job_id")):
+            attempt -= 1  # the earlier attempt's Ray job is still there: followed, not submitted again
         if self.parent_run_id and kind in ("train", "evaluate"):  # they make their own child runs
             prepared.argv += ["--parent-run-id", self.parent_run_id]
             prepared.job_argv += ["--parent-run-id", self.parent_run_id]
+        if kind == "evaluate":  # a new folder per attempt (evaluation never overwrites); on the job's node
+            # when the storage is remote (the scores and pictures reach MLflow either way)
+            folder = f"{self.workflow.name}-{name}-{prepared.key[:12]}-{attempt}"
+            local = "://" not in self.workflow.storage
+            out = self._local(f"{self.workflow.storage}/eval/{folder}") if local else \
+                f"{tempfile.gettempdir()}/xsam-eval/{folder}-{int(time.time())}"
+            prepared.argv += ["--out", out]
+            prepared.job_argv += ["--out", out]
         record = {"step": name, "kind": kind, "key": prepared.key, "status": "running", "attempt": max(attempt, 1),
                   "inputs": prepared.inputs, "command": ["xsam", *prepared.argv], "started": _now(),
                   "workflow_run_id": self.parent_run_id, "job_id": (previous or {}).get("job_id")}
@@ -494,11 +548,25 @@ class Runner:
         self.store.write(name, prepared.key, record)
         self._end_child(child, "FINISHED", result)
         if run_id and child is None:
-            self._tag_run(run_id, {"xsam.workflow": self.workflow.name, "xsam.workflow.step": name,
-                                   "xsam.workflow.key": prepared.key})
+            tags = {"xsam.workflow": self.workflow.name, "xsam.workflow.step": name, "xsam.workflow.key": prepared.key}
+            if kind == "evaluate":  # named like the stages' runs, not after the checkpoint's folder
+                tags["mlflow.runName"] = f"{self.workflow.name}-{name}-{prepared.key[:12]}"
+            self._tag_run(run_id, tags)
         return result, run_id
 
     # --------------------------------------------------------------------------------- Ray Jobs
+
+    def _live_job(self, job_id: str | None) -> Any:
+        """The status of an earlier attempt's Ray job when it is running or succeeded, else None."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        if not job_id:
+            return None
+        try:
+            status = JobSubmissionClient(self.address).get_job_status(job_id)
+        except Exception:  # unknown to this cluster (a new head): submit again
+            return None
+        return status if status in (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.SUCCEEDED) else None
 
     def _run_job(self, name: str, prepared: Prepared, record: dict[str, Any]) -> int:
         from ray.job_submission import JobStatus, JobSubmissionClient
@@ -507,12 +575,7 @@ class Runner:
 
         client = JobSubmissionClient(self.address)
         job_id = record.get("job_id")
-        status = None
-        if job_id:
-            try:
-                status = client.get_job_status(job_id)
-            except Exception:  # unknown to this cluster (a new head): submit again
-                status = None
+        status = self._live_job(job_id)
         if status in (JobStatus.PENDING, JobStatus.RUNNING):
             self.console.print(f"  following Ray job {job_id}, still running from an earlier driver")
         elif status == JobStatus.SUCCEEDED:
@@ -555,7 +618,7 @@ class Runner:
         reopen = state.get("run_id") if state.get("status") not in (None, "FINISHED") else None
         target = self._target()
         self.parent_run_id = start_run(target, run_name=self.workflow.name, run_id=reopen, tags={
-            "xsam.kind": "workflow", "xsam.workflow": self.workflow.name, "xsam.storage": self.workflow.storage,
+            "xsam.kind": "workflow", "xsam.workflow": self.workflow.name, "xsam.storage": self._local(self.workflow.storage),
             "xsam.address": self.address or "embedded"}, on_error=self.console.print)
         if self.parent_run_id is None:
             return

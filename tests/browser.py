@@ -1,4 +1,5 @@
-"""Screenshots of MLflow's UI for tests: the "compare runs" view, in headless Chromium via Playwright.
+"""Screenshots of MLflow's UI for tests: the "compare runs" view and an experiment's runs table, in headless
+Chromium via Playwright (`experiment_runs_screenshot` is described at its definition).
 
 `compare_runs_screenshot` opens `<tracking_uri>/#/compare-runs?runs=[...]&experiments=[...]` (the URL the
 MLflow 3.17 UI builds itself: `Routes.getCompareRunPageRoute`, JSON arrays without spaces), waits for real
@@ -35,6 +36,7 @@ from pathlib import Path
 
 VIEWPORT = {"width": 1600, "height": 1000}
 MAX_HEIGHT = 12000  # px: a taller page is cut (Chromium's own texture limit is 16384)
+MAX_WIDTH = 2400  # px: `experiment_runs_screenshot` grows the viewport this far for a wide runs table
 METRICS_HEADER = "--- Metrics table, all rows (key, then one value per run, tab-separated) ---"
 
 
@@ -315,3 +317,314 @@ def compare_runs_screenshot(tracking_uri: str, experiment_id: str, run_ids: list
 
     rows = "\n".join("\t".join(cell or "" for cell in row) for row in table or [])
     return f"{text}\n{METRICS_HEADER}\n{rows}\n"
+
+
+# ------------------------------------------------------------------------------------ experiment page
+
+
+class ExperimentRunsPageError(AssertionError):
+    """The experiment's runs table did not show what was expected in time (message: URL, what is missing)."""
+
+
+def experiment_runs_url(tracking_uri: str, experiment_id: str) -> str:
+    """The URL of an experiment's "Runs" tab in the MLflow 3.17 UI (`Routes.experimentPageTabRuns`,
+    `/experiments/:experimentId/runs`). `workflowType=machine_learning` selects the "Model training" side of
+    the UI: without it a first visit (nothing in localStorage) lands on the GenAI overview of the experiment
+    (`#/experiments/ID` redirects to `/overview/usage?workflowType=genai`), which has no runs table."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{urllib.parse.quote(str(experiment_id))}/runs" \
+           "?workflowType=machine_learning"
+
+
+# One look at the runs table: its rows in display order (row-index), each with the run id, the name, how far
+# the name is indented (a child run's name sits one expander width to the right of its parent's) and whether
+# its name cell has an expander button (a parent run with children), and the tag columns shown.
+_RUNS_PROBE_JS = r"""
+() => {
+  const text = document.body ? document.body.innerText : "";
+  const failed = /Experiment not found|Error while loading|Request failed|Something went wrong/i.test(text);
+  const rows = [];
+  for (const cell of document.querySelectorAll('.ag-row [col-id="attributes.`Run Name`"]')) {
+    const row = cell.closest(".ag-row");
+    const link = cell.querySelector('a[href*="/runs/"]');
+    if (!row || !link) continue;
+    const name = link.innerText.trim();
+    rows.push({id: row.getAttribute("row-id"), index: Number(row.getAttribute("row-index")), name,
+               indent: link.getBoundingClientRect().left - cell.getBoundingClientRect().left,
+               expander: !!cell.querySelector("button")});
+  }
+  rows.sort((a, b) => a.index - b.index);
+  const headers = [...document.querySelectorAll(".ag-header-cell")].map(h => h.innerText.trim()).filter(Boolean);
+  // how many px the widest text of each column to fit is cut by (ellipsis): the run names, the tag columns
+  const cut = {};
+  const fit = '.ag-row .ag-cell[col-id="attributes.`Run Name`"], .ag-row .ag-cell[col-id^="tags."]';
+  for (const cell of document.querySelectorAll(fit)) {
+    const id = cell.getAttribute("col-id");
+    let over = 0;
+    for (const el of cell.querySelectorAll("a, a span, .ag-cell-value, .ag-cell-value > *")) {
+      over = Math.max(over, el.scrollWidth - el.clientWidth);
+    }
+    cut[id] = Math.max(cut[id] || 0, over);
+  }
+  const center = document.querySelector(".ag-center-cols-viewport");
+  const wider = center ? Math.max(0, center.scrollWidth - center.clientWidth) : 0;
+  return {failed, text: text.slice(0, 3000), rows, headers, cut, wider, fullText: text};
+}
+"""
+
+# Clicks the expander of the run row `runId` (its Run Name cell's button).
+_EXPAND_JS = r"""
+(runId) => {
+  for (const row of document.querySelectorAll(`.ag-row[row-id="${runId}"]`)) {
+    const button = row.querySelector('[col-id="attributes.`Run Name`"] button');
+    if (button) { button.click(); return true; }
+  }
+  return false;
+}
+"""
+
+# Ticks the tag `key` in the open "Columns" selector (searched for already): the tree lists the matches
+# under their group ("Attributes", "Metrics", "Parameters", "Tags (N)"); the node after "Tags" is clicked.
+_TICK_TAG_COLUMN_JS = r"""
+(key) => {
+  let group = null;
+  for (const node of document.querySelectorAll('[data-testid="column-selector-tree"] .du-bois-light-tree-treenode')) {
+    const title = (node.querySelector(".du-bois-light-tree-title") || node).innerText.trim();
+    const m = /^(Attributes|Metrics|Parameters|Tags)( \(\d+\))?$/.exec(title);
+    if (m) { group = m[1]; continue; }
+    if (group === "Tags" && title === key) {
+      const box = node.querySelector(".du-bois-light-tree-checkbox");
+      if (!box) return false;
+      if (!box.className.includes("checked")) box.click();
+      return true;
+    }
+  }
+  return false;
+}
+"""
+
+# How much blank space the runs table has right of its last column (0 when it scrolls sideways).
+_RUNS_SLACK_JS = r"""
+() => {
+  const view = document.querySelector(".ag-center-cols-viewport");
+  const cols = document.querySelector(".ag-center-cols-container");
+  return view && cols ? Math.max(0, view.clientWidth - cols.getBoundingClientRect().width) : 0;
+}
+"""
+
+# How much taller the runs table's content is than its scrolling boxes (the grid's body, the page shell).
+_RUNS_OVERFLOW_JS = r"""
+() => {
+  let extra = Math.max(0, document.documentElement.scrollHeight - window.innerHeight);
+  for (let el = document.querySelector(".ag-body-viewport"); el; el = el.parentElement) {
+    const oy = getComputedStyle(el).overflowY;
+    if ((oy === "auto" || oy === "scroll") && el.scrollHeight > el.clientHeight + 1) {
+      extra = Math.max(extra, el.scrollHeight - el.clientHeight);
+    }
+  }
+  return extra;
+}
+"""
+
+
+def experiment_runs_screenshot(tracking_uri: str, experiment_id: str, out: Path, *, expect: list[str],
+                               expand: str | None = None, tag_columns: list[str] | None = None,
+                               timeout_s: float = 60) -> str:
+    """Open the MLflow UI's runs table of an experiment (`experiment_runs_url`: the "Runs" tab, "Model
+    training" side), optionally expand a parent run and add tag columns, wait until every string of `expect`
+    is in the page's text, save a PNG at `out` and return that text (`document.body.innerText`, taken after the
+    screenshot). Note that innerText holds a cell's whole text even where the cell shows it cut with an
+    ellipsis, and only the rows the grid has rendered (all of them here, see the layout below).
+
+    What the page shows (MLflow 3.17.2): the experiment's runs, newest first, one row each (Run Name, Created,
+    Dataset, Duration, Source, Models; the innerText of a row also holds its color, e.g. `#de7921`); child runs
+    (tag `mlflow.parentRunId`) are not rows of their own but nested under their parent, whose name cell has an
+    expander button, collapsed on a first visit (indented one step further once expanded). The "MLflow
+    Assistant" side panel, open on a first visit, is closed here so the table gets the width.
+
+    - `expand`: the name of a parent run. The first row with that name (in the table's order) that has child
+      runs is expanded by clicking its expander, once its row is there; the wait goes on until the rows
+      after it are indented deeper (its children). A row of that name without children (a workflow re-run in
+      which every step was cached) is passed over.
+    - `tag_columns`: tag keys to show as columns, ticked in the table's "Columns" selector (search, then the
+      key under "Tags"), e.g. `xsam.workflow.step`: the column headers are the keys.
+    - Layout for the picture, once all of the above is there: the viewport (1600 x 1000 px to start) is grown
+      to the table's height (up to `MAX_HEIGHT`: the grid renders only the rows in its box, and the page lays
+      out in a fixed-height shell, so a plain full-page screenshot would show one screenful) and to its width
+      (up to `MAX_WIDTH`: no column is scrolled out of view on the right); then the Run Name column and the tag
+      columns are widened (their header's resize handle dragged, at most 400 px each) until none of their
+      visible cells is cut with an ellipsis (the Dataset column keeps its width: its dataset digests are cut),
+      and the viewport's width is fitted to the table again. Only then are the `expect` strings looked for.
+
+    Raises `ExperimentRunsPageError` naming the URL and what did not appear within `timeout_s` seconds (no run
+    rows, a tag column, no row named `expand` or none with children, the children, `expect` strings), or the
+    error the page showed, after saving the screenshot anyway for debugging; for an experiment id the tracking
+    server's REST API does not know (or no server), before any browser starts. `timeout_s` bounds the page
+    load and the wait; the browser's start and the screenshot (~1-2 s) come on top. Requests to any other
+    host than the tracking server's are aborted, as in `compare_runs_screenshot`.
+    """
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    url = experiment_runs_url(tracking_uri, experiment_id)
+    deadline = time.monotonic() + timeout_s
+    expect = [str(e) for e in expect]
+    tag_columns = [str(t) for t in tag_columns or []]
+
+    api = (f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/get"
+           f"?experiment_id={urllib.parse.quote(str(experiment_id))}")
+    try:
+        with urllib.request.urlopen(api, timeout=30) as resp:
+            json.load(resp)
+    except OSError as exc:  # HTTPError 404 for an unknown experiment, URLError for no server
+        raise ExperimentRunsPageError(f"MLflow experiment page {url}: cannot read experiment {experiment_id} "
+                                      f"from {tracking_uri}'s REST API: {exc}") from None
+
+    server = urllib.parse.urlsplit(tracking_uri)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise RuntimeError("no system Chromium on PATH (make system-deps: apt-get install chromium)")
+    args = ["--disable-dev-shm-usage", f"--explicitly-allowed-ports={server.port or 80}"]
+    if os.geteuid() == 0:
+        args.append("--no-sandbox")  # Chromium's sandbox refuses to run as root
+
+    blocked: list[str] = []
+    errors: list[str] = []
+
+    def route(r):
+        parts = urllib.parse.urlsplit(r.request.url)
+        if parts.scheme in ("http", "https", "ws", "wss") and parts.netloc != server.netloc:
+            blocked.append(r.request.url)
+            return r.abort()
+        return r.continue_()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
+        try:
+            page = browser.new_page(viewport=VIEWPORT, device_scale_factor=1, locale="en-US", color_scheme="light")
+            page.route("**/*", route)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("response", lambda r: r.status >= 500 and errors.append(f"HTTP {r.status} {r.url}"))
+
+            def fail(what: str, state: dict | None) -> ExperimentRunsPageError:
+                try:
+                    page.screenshot(path=str(out), full_page=True)
+                    shot = f"screenshot saved at {out}"
+                except PlaywrightError as exc:
+                    shot = f"no screenshot ({exc})"
+                details = [f"{what}; {shot}"]
+                if blocked:
+                    details.append(f"blocked non-loopback requests: {blocked[:5]}")
+                if errors:
+                    details.append("; ".join(errors[:5]))
+                if state and state.get("text"):
+                    details.append("page text:\n" + state["text"][:1500])
+                return ExperimentRunsPageError(f"MLflow experiment page {url}: " + "\n".join(details))
+
+            try:
+                page.goto(url, wait_until="domcontentloaded", timeout=max(1.0, deadline - time.monotonic()) * 1000)
+            except PlaywrightError as exc:
+                raise fail(f"did not load ({exc.message.splitlines()[0]})", None) from None
+
+            state: dict = {}
+            expanded: str | None = None  # the run id whose expander was clicked
+            columns_done: set[str] = set()
+            widened = False
+            width, height = VIEWPORT["width"], VIEWPORT["height"]
+            try:
+                while True:
+                    state = page.evaluate(_RUNS_PROBE_JS)
+                    if state.get("failed"):
+                        raise fail("the page shows an error", state)
+                    rows = state["rows"]
+                    missing: list[str] = []
+                    if not rows:
+                        missing.append("the runs table (no run rows)")
+                    else:
+                        close = page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
+                        if close.count() and close.first.is_visible():
+                            close.first.click()
+                        for key in tag_columns:
+                            if key in state["headers"]:
+                                continue
+                            if key not in columns_done:  # open the selector, search the key, tick it, close
+                                columns_done.add(key)
+                                page.locator('[data-testid="column-selection-dropdown"]').first.click()
+                                search = page.locator('input[placeholder="Search columns"]')
+                                search.fill(key, timeout=max(1.0, deadline - time.monotonic()) * 1000)
+                                page.wait_for_timeout(300)
+                                if not page.evaluate(_TICK_TAG_COLUMN_JS, key):
+                                    columns_done.discard(key)  # the tree has not caught up: again next round
+                                page.keyboard.press("Escape")
+                            missing.append(f"the tag column {key!r}")
+                        if expand is not None:
+                            if expanded is None:
+                                parent = next((r for r in rows if r["name"] == expand and r["expander"]), None)
+                                if parent and page.evaluate(_EXPAND_JS, parent["id"]):
+                                    expanded = parent["id"]
+                            if expanded is None:
+                                named = [r for r in rows if r["name"] == expand]
+                                missing.append(f"a run row named {expand!r} with child runs (an expander)" if named
+                                               else f"a run row named {expand!r}")
+                            else:
+                                at = next((i for i, r in enumerate(rows) if r["id"] == expanded), None)
+                                if at is None or at + 1 >= len(rows) or rows[at + 1]["indent"] <= rows[at]["indent"]:
+                                    missing.append(f"the child runs of {expand!r} (run {expanded}) under it")
+                        if not missing:  # the layout for the picture, one change per round
+                            extra = page.evaluate(_RUNS_OVERFLOW_JS)
+                            if extra > 0 and height < MAX_HEIGHT:  # all rows rendered before measuring
+                                height = min(MAX_HEIGHT, height + extra)
+                                page.set_viewport_size({"width": width, "height": height})
+                                page.wait_for_timeout(200)
+                                continue
+                            if state["wider"] > 0 and width < MAX_WIDTH:  # every column in view
+                                width = min(MAX_WIDTH, width + state["wider"])
+                                page.set_viewport_size({"width": width, "height": height})
+                                page.wait_for_timeout(200)
+                                continue
+                            if not widened:
+                                widened = True
+                                cut = {k: min(400, v + 16) for k, v in state["cut"].items() if v > 0}
+                                if cut:  # room first: a resize handle is dragged within the window
+                                    page.set_viewport_size({"width": width + sum(cut.values()), "height": height})
+                                    for col_id, px in cut.items():
+                                        _widen_column(page, col_id, px)
+                                    slack = page.evaluate(_RUNS_SLACK_JS)  # blank right of the last column
+                                    width = max(width, width + sum(cut.values()) - slack)
+                                    page.set_viewport_size({"width": width, "height": height})
+                                    page.wait_for_timeout(200)
+                                    continue
+                        missing += [f"text {e!r}" for e in expect if e not in state["fullText"]]
+                    if not missing:
+                        break
+                    if time.monotonic() > deadline:
+                        raise fail(f"not shown within {timeout_s:g} s: {', '.join(missing)}", state)
+                    page.wait_for_timeout(200)
+            except PlaywrightError as exc:  # the page crashed or navigated away mid-wait
+                raise fail(f"browser error while waiting: {exc.message.splitlines()[0]}", state) from None
+
+            page.mouse.move(0, height - 1)  # no hover highlight or tooltip on a row
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(out), full_page=True)
+            text = page.evaluate("document.body.innerText")
+        finally:
+            browser.close()
+    return text
+
+
+def _widen_column(page, col_id: str, by: float) -> None:
+    """Drag the resize handle of the runs table's column `col_id` `by` px to the right. The handle's right
+    half lies under the next header's content, so the drag starts 2 px into it."""
+    handle = page.locator(f'.ag-header-cell[col-id="{col_id}"] .ag-header-cell-resize').first
+    box = handle.bounding_box() if handle.count() else None
+    if box is None:
+        return
+    x, y = box["x"] + 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(x + by * i / 10, y)
+        page.wait_for_timeout(20)
+    page.mouse.up()
+    page.wait_for_timeout(200)

@@ -29,8 +29,8 @@ def ui(
                  "`xsam ui` serves a local store")
         uri = remote or f"sqlite:///{Path.cwd().resolve() / 'mlruns.db'}"
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        fail(f"no tracking store at {uri[len('sqlite:///'):]}: run a job first (make quickstart), or give "
-             "--backend-store-uri")
+        fail(f"no tracking store at {uri[len('sqlite:///'):]}: run a job here first (`make quickstart`, or "
+             "`xsam pipeline run pipelines/quickstart.yaml`), or give --backend-store-uri")
     mlflow = Path(sys.executable).parent / "mlflow"
     argv = [str(mlflow), "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1",
             "--default-artifact-root", (Path.cwd().resolve() / "mlartifacts").as_uri()]

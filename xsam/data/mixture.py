@@ -157,18 +157,25 @@ class MixtureSpec(_Strict):
 _MODE_KEY = {"weight": "weight", "repeat": "repeat: sqrt", "repetitions": "repetitions"}
 
 
-def parse_mixture(doc: Any, *, source: str = "<mixture>", base: Path | None = None) -> MixtureSpec:
-    """Validate a parsed mixture document; relative local paths are made absolute against `base`
-    (default: the current working directory)."""
+def parse_mixture(doc: Any, *, source: str = "<mixture>", base: str | Path | None = None) -> MixtureSpec:
+    """Validate a parsed mixture document; relative paths are made absolute against `base` (a folder
+    or an `s3://bucket/prefix`; default: the current working directory)."""
     if not isinstance(doc, dict):
         raise MixtureError(f"mixture file {source}: expected a mapping with seed, batching and sources")
     try:
         spec = MixtureSpec.model_validate(doc)
     except ValidationError as exc:
         raise MixtureError(f"mixture file {source} is not valid:\n{format_validation(exc)}") from None
-    base = (base or Path.cwd()).resolve()
+    if isinstance(base, str) and "://" in base:
+        def join(path: str) -> str:
+            return f"{base.rstrip('/')}/{path}"
+    else:
+        folder = Path(base or Path.cwd()).resolve()
+
+        def join(path: str) -> str:
+            return str(folder / path)
     sources = [
-        s if "://" in s.path or Path(s.path).is_absolute() else s.model_copy(update={"path": str(base / s.path)})
+        s if "://" in s.path or Path(s.path).is_absolute() else s.model_copy(update={"path": join(s.path)})
         for s in spec.sources
     ]
     return spec.model_copy(update={"sources": sources})
