@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -93,8 +92,7 @@ class Prepared:
     inputs: dict[str, Any]
     argv: list[str]  # `xsam ARGV` here
     job_argv: list[str]  # `xsam ARGV` as a Ray Job (paths into its working directory)
-    files: dict[str, str] = field(default_factory=dict)  # working-directory name -> local path or text
-    replace_output: bool = False
+    files: dict[str, str] = field(default_factory=dict)  # working-directory name -> local path or "text:..."
 
 
 @dataclass
@@ -131,7 +129,9 @@ class Runner:
         self.jobs_api = bool(address and address.startswith(("http://", "https://")))
         self.tracking = tracking
         self.console = console or Console(stderr=True)
-        self.store = StepStore(workflow.storage, workflow.name)
+        # local storage as an absolute path: a Ray Job runs in a directory of its own
+        self.storage = self._local(workflow.storage)
+        self.store = StepStore(self.storage, workflow.name)
         self.fingerprints = Fingerprints()
         self.order = order(workflow)
         if start and only:
@@ -150,7 +150,6 @@ class Runner:
         self.max_parallel = max_parallel or (4 if self.jobs_api else 1)
         self.parent_run_id: str | None = None
         self._codes: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
         self._check_dataset_order()
 
     def _check_dataset_order(self) -> None:
@@ -232,7 +231,7 @@ class Runner:
         current = dataset_version(body.out)
         owned = any(r.get("status") != "succeeded" or (current and (r.get("result") or {}).get("version") == current)
                     for r in self.store.records(name) if r.get("inputs", {}).get("out") == body.out)
-        prepared = Prepared(key=key, inputs=inputs, argv=argv, job_argv=job_argv, replace_output=owned)
+        prepared = Prepared(key=key, inputs=inputs, argv=argv, job_argv=job_argv)
         if owned:
             prepared.argv.append("--replace")
             prepared.job_argv.append("--replace")
@@ -296,7 +295,7 @@ class Runner:
         }
         key = self._key_of(inputs)
         run_name = f"{self.workflow.name}-{name}-{key[:12]}"
-        tail = ["--storage", self.workflow.storage, "--name", run_name, "--resume", "auto",
+        tail = ["--storage", self.storage, "--name", run_name, "--resume", "auto",
                 "--max-failures", str(body.max_failures), "--result-json", self.store.result_uri(name, key)]
         if body.num_workers:
             tail += ["--num-workers", str(body.num_workers)]
@@ -396,7 +395,8 @@ class Runner:
                     pass
                 continue
             if waiting:
-                decisions[name] = Decision(name, "run", f"after {', '.join(waiting)}, which run{'s' if len(waiting) == 1 else ''} first")
+                verb = "runs" if len(waiting) == 1 else "run"
+                decisions[name] = Decision(name, "run", f"after {', '.join(waiting)}, which {verb} first")
                 continue
             try:
                 prepared = self.prepare(name, outputs)
@@ -522,8 +522,8 @@ class Runner:
         if kind == "evaluate":  # a new folder per attempt (evaluation never overwrites); on the job's node
             # when the storage is remote (the scores and pictures reach MLflow either way)
             folder = f"{self.workflow.name}-{name}-{prepared.key[:12]}-{attempt}"
-            local = "://" not in self.workflow.storage
-            out = self._local(f"{self.workflow.storage}/eval/{folder}") if local else \
+            local = "://" not in self.storage
+            out = f"{self.storage}/eval/{folder}" if local else \
                 f"{tempfile.gettempdir()}/xsam-eval/{folder}-{int(time.time())}"
             prepared.argv += ["--out", out]
             prepared.job_argv += ["--out", out]
@@ -618,7 +618,7 @@ class Runner:
         reopen = state.get("run_id") if state.get("status") not in (None, "FINISHED") else None
         target = self._target()
         self.parent_run_id = start_run(target, run_name=self.workflow.name, run_id=reopen, tags={
-            "xsam.kind": "workflow", "xsam.workflow": self.workflow.name, "xsam.storage": self._local(self.workflow.storage),
+            "xsam.kind": "workflow", "xsam.workflow": self.workflow.name, "xsam.storage": self.storage,
             "xsam.address": self.address or "embedded"}, on_error=self.console.print)
         if self.parent_run_id is None:
             return
