@@ -25,6 +25,7 @@ unsafe list (5060, 5061, 6000, 10080, ...) works.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -184,37 +185,14 @@ _OVERFLOW_JS = r"""
 """
 
 
-def compare_runs_screenshot(tracking_uri: str, experiment_id: str, run_ids: list[str], out: Path, *,
-                            metrics: list[str] | None = None, timeout_s: float = 60) -> str:
-    """Open the MLflow UI's compare-runs view of `run_ids`, wait until it shows the runs (ids and names in
-    "Run details") and every metric key in `metrics` (default: every metric the runs have, read from the
-    tracking server's REST API) in the Metrics table, save a full-page PNG at `out` (1600 px wide, at least
-    1000 tall: grown to the content) and return the page's visible text (`document.body.innerText`) followed
-    by `METRICS_HEADER` and the Metrics table's rows, one per line, `key\\tvalue_run1\\tvalue_run2...`,
-    values as the UI formats them (`format_metric`). The Metrics grid shows ~6.7 rows at a time: the
-    screenshot shows it scrolled to the first row (in the UI's order, by key) that is in `metrics`.
-
-    Raises `CompareRunsPageError` naming the URL and what did not appear within `timeout_s` seconds (or the
-    error the page showed), after saving the screenshot anyway for debugging. `timeout_s` bounds the page
-    load and the wait; the browser's start (~1 s) and the screenshot (~1 s) come on top.
-    """
+@contextlib.contextmanager
+def _mlflow_page(tracking_uri: str, url: str, out: Path, error: type[AssertionError], title: str, deadline: float):
+    """The system Chromium, headless, on `url` of the MLflow UI at `tracking_uri`: yields (page, fail), where
+    `fail(what, state)` saves a screenshot at `out` and returns an `error` naming `title`, the URL, what is
+    missing, blocked requests, page errors and the page's text. Requests to any other host than the tracking
+    server's are aborted (and listed); the server's port is explicitly allowed."""
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    url = compare_runs_url(tracking_uri, experiment_id, run_ids)
-    deadline = time.monotonic() + timeout_s
-
-    try:
-        runs = [_get_run(tracking_uri, r) for r in run_ids]
-    except OSError as exc:  # HTTPError 404 for an unknown run id, URLError for no server
-        raise CompareRunsPageError(f"MLflow compare-runs page {url}: cannot read the runs from "
-                                   f"{tracking_uri}'s REST API: {exc}") from None
-    names = [r["info"].get("run_name", "") for r in runs]
-    if metrics is None:
-        metrics = sorted({m["key"] for r in runs for m in r["data"].get("metrics", [])})
-    metrics = list(metrics)
 
     server = urllib.parse.urlsplit(tracking_uri)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -242,7 +220,7 @@ def compare_runs_screenshot(tracking_uri: str, experiment_id: str, run_ids: list
             page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
             page.on("response", lambda r: r.status >= 500 and errors.append(f"HTTP {r.status} {r.url}"))
 
-            def fail(what: str, state: dict | None) -> CompareRunsPageError:
+            def fail(what: str, state: dict | None) -> AssertionError:
                 try:
                     page.screenshot(path=str(out), full_page=True)
                     shot = f"screenshot saved at {out}"
@@ -255,65 +233,100 @@ def compare_runs_screenshot(tracking_uri: str, experiment_id: str, run_ids: list
                     details.append("; ".join(errors[:5]))
                 if state and state.get("text"):
                     details.append("page text:\n" + state["text"][:1500])
-                return CompareRunsPageError(f"MLflow compare-runs page {url}: " + "\n".join(details))
+                return error(f"{title} {url}: " + "\n".join(details))
 
             try:
                 page.goto(url, wait_until="domcontentloaded", timeout=max(1.0, deadline - time.monotonic()) * 1000)
             except PlaywrightError as exc:
                 raise fail(f"did not load ({exc.message.splitlines()[0]})", None) from None
-
-            # 1. the view with both runs: ids in the header row, names in "Run Name:"
-            state: dict = {}
-            table: list[list[str]] | None = None
-            missing: list[str] = ["the compare view (.CompareRunView)"]
-            try:
-                while True:
-                    state = page.evaluate(_PROBE_JS)
-                    if state.get("failed"):
-                        raise fail("the page shows an error", state)
-                    if state["view"]:
-                        missing = [f"run id {r}" for r in run_ids if r not in state["runIds"]]
-                        missing += [f"run name {n!r}" for n in names if n and n not in state["runNames"]]
-                        if not missing:
-                            sections = state["sections"]
-                            if "Metrics" in sections and not sections["Metrics"]:
-                                page.evaluate(_SET_SECTION_JS, ["Metrics", True])
-                            if metrics and state["noMetrics"]:
-                                missing = ["any metric (the page says 'No metrics to display.')"]
-                            elif metrics:
-                                table = page.evaluate(_READ_METRICS_JS, metrics)
-                                shown = {row[0] for row in table or []}
-                                missing = [f"metric {m!r}" for m in metrics if m not in shown]
-                                if table is None:
-                                    missing.insert(0, "the Metrics table")
-                            else:
-                                table = page.evaluate(_READ_METRICS_JS, []) or []
-                    if not missing:
-                        break
-                    if time.monotonic() > deadline:
-                        raise fail(f"not shown within {timeout_s:g} s: {', '.join(missing)}", state)
-                    page.wait_for_timeout(200)
-            except PlaywrightError as exc:  # the page crashed or navigated away mid-wait
-                raise fail(f"browser error while waiting: {exc.message.splitlines()[0]}", state) from None
-
-            # 2. layout for the picture: no plots, no assistant panel, viewport as tall as the content
-            page.evaluate(_SET_SECTION_JS, ["Visualizations", False])
-            close = page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
-            if close.count() and close.first.is_visible():
-                close.first.click()
-            page.wait_for_timeout(300)  # the collapse animation
-            height = VIEWPORT["height"]
-            for _ in range(3):
-                extra = page.evaluate(_OVERFLOW_JS)
-                if extra <= 0 or height >= MAX_HEIGHT:
-                    break
-                height = min(MAX_HEIGHT, height + extra)
-                page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
-                page.wait_for_timeout(100)
-            page.screenshot(path=str(out), full_page=True)
-            text = page.evaluate("document.body.innerText")
+            yield page, fail
         finally:
             browser.close()
+
+
+def compare_runs_screenshot(tracking_uri: str, experiment_id: str, run_ids: list[str], out: Path, *,
+                            metrics: list[str] | None = None, timeout_s: float = 60) -> str:
+    """Open the MLflow UI's compare-runs view of `run_ids`, wait until it shows the runs (ids and names in
+    "Run details") and every metric key in `metrics` (default: every metric the runs have, read from the
+    tracking server's REST API) in the Metrics table, save a full-page PNG at `out` (1600 px wide, at least
+    1000 tall: grown to the content) and return the page's visible text (`document.body.innerText`) followed
+    by `METRICS_HEADER` and the Metrics table's rows, one per line, `key\\tvalue_run1\\tvalue_run2...`,
+    values as the UI formats them (`format_metric`). The Metrics grid shows ~6.7 rows at a time: the
+    screenshot shows it scrolled to the first row (in the UI's order, by key) that is in `metrics`.
+
+    Raises `CompareRunsPageError` naming the URL and what did not appear within `timeout_s` seconds (or the
+    error the page showed), after saving the screenshot anyway for debugging. `timeout_s` bounds the page
+    load and the wait; the browser's start (~1 s) and the screenshot (~1 s) come on top.
+    """
+    from playwright.sync_api import Error as PlaywrightError
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    url = compare_runs_url(tracking_uri, experiment_id, run_ids)
+    deadline = time.monotonic() + timeout_s
+
+    try:
+        runs = [_get_run(tracking_uri, r) for r in run_ids]
+    except OSError as exc:  # HTTPError 404 for an unknown run id, URLError for no server
+        raise CompareRunsPageError(f"MLflow compare-runs page {url}: cannot read the runs from "
+                                   f"{tracking_uri}'s REST API: {exc}") from None
+    names = [r["info"].get("run_name", "") for r in runs]
+    if metrics is None:
+        metrics = sorted({m["key"] for r in runs for m in r["data"].get("metrics", [])})
+    metrics = list(metrics)
+
+    with _mlflow_page(tracking_uri, url, out, CompareRunsPageError, "MLflow compare-runs page", deadline) as (page, fail):
+
+        # 1. the view with both runs: ids in the header row, names in "Run Name:"
+        state: dict = {}
+        table: list[list[str]] | None = None
+        missing: list[str] = ["the compare view (.CompareRunView)"]
+        try:
+            while True:
+                state = page.evaluate(_PROBE_JS)
+                if state.get("failed"):
+                    raise fail("the page shows an error", state)
+                if state["view"]:
+                    missing = [f"run id {r}" for r in run_ids if r not in state["runIds"]]
+                    missing += [f"run name {n!r}" for n in names if n and n not in state["runNames"]]
+                    if not missing:
+                        sections = state["sections"]
+                        if "Metrics" in sections and not sections["Metrics"]:
+                            page.evaluate(_SET_SECTION_JS, ["Metrics", True])
+                        if metrics and state["noMetrics"]:
+                            missing = ["any metric (the page says 'No metrics to display.')"]
+                        elif metrics:
+                            table = page.evaluate(_READ_METRICS_JS, metrics)
+                            shown = {row[0] for row in table or []}
+                            missing = [f"metric {m!r}" for m in metrics if m not in shown]
+                            if table is None:
+                                missing.insert(0, "the Metrics table")
+                        else:
+                            table = page.evaluate(_READ_METRICS_JS, []) or []
+                if not missing:
+                    break
+                if time.monotonic() > deadline:
+                    raise fail(f"not shown within {timeout_s:g} s: {', '.join(missing)}", state)
+                page.wait_for_timeout(200)
+        except PlaywrightError as exc:  # the page crashed or navigated away mid-wait
+            raise fail(f"browser error while waiting: {exc.message.splitlines()[0]}", state) from None
+
+        # 2. layout for the picture: no plots, no assistant panel, viewport as tall as the content
+        page.evaluate(_SET_SECTION_JS, ["Visualizations", False])
+        close = page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
+        if close.count() and close.first.is_visible():
+            close.first.click()
+        page.wait_for_timeout(300)  # the collapse animation
+        height = VIEWPORT["height"]
+        for _ in range(3):
+            extra = page.evaluate(_OVERFLOW_JS)
+            if extra <= 0 or height >= MAX_HEIGHT:
+                break
+            height = min(MAX_HEIGHT, height + extra)
+            page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
+            page.wait_for_timeout(100)
+        page.screenshot(path=str(out), full_page=True)
+        text = page.evaluate("document.body.innerText")
 
     rows = "\n".join("\t".join(cell or "" for cell in row) for row in table or [])
     return f"{text}\n{METRICS_HEADER}\n{rows}\n"
@@ -463,7 +476,6 @@ def experiment_runs_screenshot(tracking_uri: str, experiment_id: str, out: Path,
     host than the tracking server's are aborted, as in `compare_runs_screenshot`.
     """
     from playwright.sync_api import Error as PlaywrightError
-    from playwright.sync_api import sync_playwright
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -481,135 +493,89 @@ def experiment_runs_screenshot(tracking_uri: str, experiment_id: str, out: Path,
         raise ExperimentRunsPageError(f"MLflow experiment page {url}: cannot read experiment {experiment_id} "
                                       f"from {tracking_uri}'s REST API: {exc}") from None
 
-    server = urllib.parse.urlsplit(tracking_uri)
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        raise RuntimeError("no system Chromium on PATH (make system-deps: apt-get install chromium)")
-    args = ["--disable-dev-shm-usage", f"--explicitly-allowed-ports={server.port or 80}"]
-    if os.geteuid() == 0:
-        args.append("--no-sandbox")  # Chromium's sandbox refuses to run as root
+    with _mlflow_page(tracking_uri, url, out, ExperimentRunsPageError, "MLflow experiment page", deadline) as (page, fail):
 
-    blocked: list[str] = []
-    errors: list[str] = []
-
-    def route(r):
-        parts = urllib.parse.urlsplit(r.request.url)
-        if parts.scheme in ("http", "https", "ws", "wss") and parts.netloc != server.netloc:
-            blocked.append(r.request.url)
-            return r.abort()
-        return r.continue_()
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
+        state: dict = {}
+        expanded: str | None = None  # the run id whose expander was clicked
+        columns_done: set[str] = set()
+        widened = False
+        width, height = VIEWPORT["width"], VIEWPORT["height"]
         try:
-            page = browser.new_page(viewport=VIEWPORT, device_scale_factor=1, locale="en-US", color_scheme="light")
-            page.route("**/*", route)
-            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
-            page.on("response", lambda r: r.status >= 500 and errors.append(f"HTTP {r.status} {r.url}"))
-
-            def fail(what: str, state: dict | None) -> ExperimentRunsPageError:
-                try:
-                    page.screenshot(path=str(out), full_page=True)
-                    shot = f"screenshot saved at {out}"
-                except PlaywrightError as exc:
-                    shot = f"no screenshot ({exc})"
-                details = [f"{what}; {shot}"]
-                if blocked:
-                    details.append(f"blocked non-loopback requests: {blocked[:5]}")
-                if errors:
-                    details.append("; ".join(errors[:5]))
-                if state and state.get("text"):
-                    details.append("page text:\n" + state["text"][:1500])
-                return ExperimentRunsPageError(f"MLflow experiment page {url}: " + "\n".join(details))
-
-            try:
-                page.goto(url, wait_until="domcontentloaded", timeout=max(1.0, deadline - time.monotonic()) * 1000)
-            except PlaywrightError as exc:
-                raise fail(f"did not load ({exc.message.splitlines()[0]})", None) from None
-
-            state: dict = {}
-            expanded: str | None = None  # the run id whose expander was clicked
-            columns_done: set[str] = set()
-            widened = False
-            width, height = VIEWPORT["width"], VIEWPORT["height"]
-            try:
-                while True:
-                    state = page.evaluate(_RUNS_PROBE_JS)
-                    if state.get("failed"):
-                        raise fail("the page shows an error", state)
-                    rows = state["rows"]
-                    missing: list[str] = []
-                    if not rows:
-                        missing.append("the runs table (no run rows)")
-                    else:
-                        close = page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
-                        if close.count() and close.first.is_visible():
-                            close.first.click()
-                        for key in tag_columns:
-                            if key in state["headers"]:
-                                continue
-                            if key not in columns_done:  # open the selector, search the key, tick it, close
-                                columns_done.add(key)
-                                page.locator('[data-testid="column-selection-dropdown"]').first.click()
-                                search = page.locator('input[placeholder="Search columns"]')
-                                search.fill(key, timeout=max(1.0, deadline - time.monotonic()) * 1000)
-                                page.wait_for_timeout(300)
-                                if not page.evaluate(_TICK_TAG_COLUMN_JS, key):
-                                    columns_done.discard(key)  # the tree has not caught up: again next round
-                                page.keyboard.press("Escape")
-                            missing.append(f"the tag column {key!r}")
-                        if expand is not None:
-                            if expanded is None:
-                                parent = next((r for r in rows if r["name"] == expand and r["expander"]), None)
-                                if parent and page.evaluate(_EXPAND_JS, parent["id"]):
-                                    expanded = parent["id"]
-                            if expanded is None:
-                                named = [r for r in rows if r["name"] == expand]
-                                missing.append(f"a run row named {expand!r} with child runs (an expander)" if named
-                                               else f"a run row named {expand!r}")
-                            else:
-                                at = next((i for i, r in enumerate(rows) if r["id"] == expanded), None)
-                                if at is None or at + 1 >= len(rows) or rows[at + 1]["indent"] <= rows[at]["indent"]:
-                                    missing.append(f"the child runs of {expand!r} (run {expanded}) under it")
-                        if not missing:  # the layout for the picture, one change per round
-                            extra = page.evaluate(_RUNS_OVERFLOW_JS)
-                            if extra > 0 and height < MAX_HEIGHT:  # all rows rendered before measuring
-                                height = min(MAX_HEIGHT, height + extra)
+            while True:
+                state = page.evaluate(_RUNS_PROBE_JS)
+                if state.get("failed"):
+                    raise fail("the page shows an error", state)
+                rows = state["rows"]
+                missing: list[str] = []
+                if not rows:
+                    missing.append("the runs table (no run rows)")
+                else:
+                    close = page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
+                    if close.count() and close.first.is_visible():
+                        close.first.click()
+                    for key in tag_columns:
+                        if key in state["headers"]:
+                            continue
+                        if key not in columns_done:  # open the selector, search the key, tick it, close
+                            columns_done.add(key)
+                            page.locator('[data-testid="column-selection-dropdown"]').first.click()
+                            search = page.locator('input[placeholder="Search columns"]')
+                            search.fill(key, timeout=max(1.0, deadline - time.monotonic()) * 1000)
+                            page.wait_for_timeout(300)
+                            if not page.evaluate(_TICK_TAG_COLUMN_JS, key):
+                                columns_done.discard(key)  # the tree has not caught up: again next round
+                            page.keyboard.press("Escape")
+                        missing.append(f"the tag column {key!r}")
+                    if expand is not None:
+                        if expanded is None:
+                            parent = next((r for r in rows if r["name"] == expand and r["expander"]), None)
+                            if parent and page.evaluate(_EXPAND_JS, parent["id"]):
+                                expanded = parent["id"]
+                        if expanded is None:
+                            named = [r for r in rows if r["name"] == expand]
+                            missing.append(f"a run row named {expand!r} with child runs (an expander)" if named
+                                           else f"a run row named {expand!r}")
+                        else:
+                            at = next((i for i, r in enumerate(rows) if r["id"] == expanded), None)
+                            if at is None or at + 1 >= len(rows) or rows[at + 1]["indent"] <= rows[at]["indent"]:
+                                missing.append(f"the child runs of {expand!r} (run {expanded}) under it")
+                    if not missing:  # the layout for the picture, one change per round
+                        extra = page.evaluate(_RUNS_OVERFLOW_JS)
+                        if extra > 0 and height < MAX_HEIGHT:  # all rows rendered before measuring
+                            height = min(MAX_HEIGHT, height + extra)
+                            page.set_viewport_size({"width": width, "height": height})
+                            page.wait_for_timeout(200)
+                            continue
+                        if state["wider"] > 0 and width < MAX_WIDTH:  # every column in view
+                            width = min(MAX_WIDTH, width + state["wider"])
+                            page.set_viewport_size({"width": width, "height": height})
+                            page.wait_for_timeout(200)
+                            continue
+                        if not widened:
+                            widened = True
+                            cut = {k: min(400, v + 16) for k, v in state["cut"].items() if v > 0}
+                            if cut:  # room first: a resize handle is dragged within the window
+                                page.set_viewport_size({"width": width + sum(cut.values()), "height": height})
+                                for col_id, px in cut.items():
+                                    _widen_column(page, col_id, px)
+                                slack = page.evaluate(_RUNS_SLACK_JS)  # blank right of the last column
+                                width = max(width, width + sum(cut.values()) - slack)
                                 page.set_viewport_size({"width": width, "height": height})
                                 page.wait_for_timeout(200)
                                 continue
-                            if state["wider"] > 0 and width < MAX_WIDTH:  # every column in view
-                                width = min(MAX_WIDTH, width + state["wider"])
-                                page.set_viewport_size({"width": width, "height": height})
-                                page.wait_for_timeout(200)
-                                continue
-                            if not widened:
-                                widened = True
-                                cut = {k: min(400, v + 16) for k, v in state["cut"].items() if v > 0}
-                                if cut:  # room first: a resize handle is dragged within the window
-                                    page.set_viewport_size({"width": width + sum(cut.values()), "height": height})
-                                    for col_id, px in cut.items():
-                                        _widen_column(page, col_id, px)
-                                    slack = page.evaluate(_RUNS_SLACK_JS)  # blank right of the last column
-                                    width = max(width, width + sum(cut.values()) - slack)
-                                    page.set_viewport_size({"width": width, "height": height})
-                                    page.wait_for_timeout(200)
-                                    continue
-                        missing += [f"text {e!r}" for e in expect if e not in state["fullText"]]
-                    if not missing:
-                        break
-                    if time.monotonic() > deadline:
-                        raise fail(f"not shown within {timeout_s:g} s: {', '.join(missing)}", state)
-                    page.wait_for_timeout(200)
-            except PlaywrightError as exc:  # the page crashed or navigated away mid-wait
-                raise fail(f"browser error while waiting: {exc.message.splitlines()[0]}", state) from None
+                    missing += [f"text {e!r}" for e in expect if e not in state["fullText"]]
+                if not missing:
+                    break
+                if time.monotonic() > deadline:
+                    raise fail(f"not shown within {timeout_s:g} s: {', '.join(missing)}", state)
+                page.wait_for_timeout(200)
+        except PlaywrightError as exc:  # the page crashed or navigated away mid-wait
+            raise fail(f"browser error while waiting: {exc.message.splitlines()[0]}", state) from None
 
-            page.mouse.move(0, height - 1)  # no hover highlight or tooltip on a row
-            page.wait_for_timeout(300)
-            page.screenshot(path=str(out), full_page=True)
-            text = page.evaluate("document.body.innerText")
-        finally:
-            browser.close()
+        page.mouse.move(0, height - 1)  # no hover highlight or tooltip on a row
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(out), full_page=True)
+        text = page.evaluate("document.body.innerText")
     return text
 
 
