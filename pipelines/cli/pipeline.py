@@ -85,14 +85,17 @@ def run(
     runner = _runner(file, address, start, only, tracking, max_parallel)
     outcomes = runner.run()
     table = Table(title=f"workflow {runner.workflow.name}", box=box.SIMPLE_HEAD, title_justify="left")
-    for column in ("step", "status", "seconds", "outputs"):
-        table.add_column(column, overflow="fold")
+    table.add_column("step", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("output", overflow="fold")
     for o in outcomes:
-        shown = {k: v for k, v in o.outputs.items() if k in ("dataset", "checkpoint", "run_id") and v}
+        shown = _shown(o.outputs.get("dataset") or o.outputs.get("checkpoint") or "")
+        if not shown and o.outputs.get("run_id"):
+            shown = f"MLflow run {o.outputs['run_id']}"
         if o.status in ("failed", "blocked"):
-            shown = {"why": o.reason}
-        table.add_row(o.step, f"[{STATUS_STYLE[o.status]}]{o.status}[/]", f"{o.seconds:.0f}" if o.seconds else "",
-                      "\n".join(f"{k}: {v}" for k, v in shown.items()))
+            shown = o.reason
+        took = f" {o.seconds:.0f} s" if o.status == "ran" else ""
+        table.add_row(o.step, f"[{STATUS_STYLE[o.status]}]{o.status}[/]{took}", shown)
     out_console.print(table)
     if runner.parent_run_id:
         out_console.print(f"MLflow run {runner.parent_run_id} (experiment {runner._experiment()}); look at it with "
@@ -101,3 +104,13 @@ def run(
         err_console.print("some steps did not finish: fix the cause and run the same command again; finished steps "
                           "are skipped and unfinished ones resume")
         raise typer.Exit(1)
+
+
+def _shown(path: str) -> str:
+    """A local path below the current directory as a relative one (what the table has room for)."""
+    if not path or "://" in path:
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
