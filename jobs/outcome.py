@@ -38,13 +38,12 @@ def read_result(uri: str) -> dict[str, Any] | None:
 
 
 def dataset_version(dataset: str) -> str | None:
-    """A dataset's version id (the sha256 of its manifest.parquet), or None where it has none (yet)."""
-    from xsam.data.manifest import MANIFEST
+    """A dataset's version id (`xsam.data.manifest.version_id`: the sha256 of its manifest.parquet),
+    or None where it has none (yet)."""
+    from xsam.data.manifest import MANIFEST, version_id
 
     storage = open_storage(dataset)
-    if not storage.exists(MANIFEST):
-        return None
-    return hashlib.sha256(storage.get_bytes(MANIFEST)).hexdigest()
+    return version_id(storage) if storage.exists(MANIFEST) else None
 
 
 def checkpoint_id(checkpoint: str) -> str | None:
