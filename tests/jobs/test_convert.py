@@ -175,6 +175,22 @@ def test_rerun_of_finished_job_does_nothing(ray_session, panoptic12, tmp_path):
     assert result.exit_code == 2 and "different dataset" in result.output
 
 
+def test_replace_empties_a_folder_that_holds_another_dataset(ray_session, panoptic12, tmp_path):
+    """--replace (what a workflow passes when a conversion it made must be redone with new inputs):
+    the other dataset is deleted first; the result is exactly what a conversion into an empty folder
+    writes, and --result-json names its version."""
+    base = convert_args("coco-panoptic", tmp_path / "out", panoptic12, "--shard-max-samples", "5")
+    cli(*base)
+    other = [*base[:-1], "4"]
+    refused = runner.invoke(app, other)
+    assert refused.exit_code == 2 and "--replace" in refused.output
+    cli(*other, "--replace", "--result-json", str(tmp_path / "result.json"))
+    cli(*convert_args("coco-panoptic", tmp_path / "fresh", panoptic12, "--shard-max-samples", "4"))
+    assert dataset_files(tmp_path / "out") == dataset_files(tmp_path / "fresh")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["version"] == version_id(open_storage(tmp_path / "fresh")) and not result["already_complete"]
+
+
 def test_resume_reuses_only_verified_shards(ray_session, panoptic12, tmp_path):
     params = ConvertParams(shard_max_samples=4)
     inputs = {k: str(v) for k, v in panoptic12.items()}
