@@ -53,6 +53,12 @@ class QuarantineRow:
             raise ValueError(f"quarantine level must be one of {LEVELS}, got {self.level!r}")
         if self.reason not in REASONS:
             raise ValueError(f"unknown quarantine reason {self.reason!r}; add it to REASONS")
+        # upstream names that are not valid UTF-8 (lone surrogates from a JSON escape or a byte file
+        # name) are kept as visible escapes: the row must still be written as UTF-8 JSON and parquet
+        for name in ("source_file", "record_id", "part_id", "key", "message"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, value.encode("utf-8", "backslashreplace").decode("utf-8"))
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)

@@ -86,6 +86,10 @@ def _is_unsafe(name: str) -> str | None:
     """Why `name` may escape its tree, or None when it is a plain relative path."""
     if "\x00" in name:
         return "contains a NUL byte"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a non-UTF-8 name smuggled through a JSON escape
+        return "is not valid UTF-8"
     if name.startswith(("/", "\\")):
         return "is absolute"
     if len(name) >= 2 and name[1] == ":" and name[0].isalpha():

@@ -134,6 +134,8 @@ def load_json_input(path: str | Path, option: str, fix: str) -> tuple[Any, Input
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"--{option}: {p} is not valid JSON ({err}); {fix}") from err
+    except RecursionError:  # hostile nesting: refused, not a crash
+        raise InputError(f"--{option}: {p} nests JSON deeper than any annotation file does (refused); {fix}") from None
     return data, InputFile(option=option, name=p.name, sha256=hashlib.sha256(raw).hexdigest())
 
 
