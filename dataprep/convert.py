@@ -209,7 +209,7 @@ def run_unit(
             items = render_record(converted.record, seed=0, epoch=0, templates=templates, vocabulary=vocabulary)
             sample_json = shard_sample_json(ShardSample(record=converted.record, items=items))
         except Rejected as err:
-            quarantine.append(_record_row(converter, up, err.reason, err.message))
+            quarantine.append(_record_row(converter, up, err.reason, err.message, source_file=err.source_file))
             continue
         except (KeyError, TypeError, ValueError, IndexError) as err:  # malformed upstream entry
             quarantine.append(_record_row(converter, up, "invalid_annotation", f"{type(err).__name__}: {err}"))
@@ -289,10 +289,11 @@ def run_unit(
     return result
 
 
-def _record_row(converter: Converter, up: UpstreamRecord, reason: str, message: str) -> dict[str, str]:
+def _record_row(converter: Converter, up: UpstreamRecord, reason: str, message: str, *,
+                source_file: str | None = None) -> dict[str, str]:
     return QuarantineRow(
         level="record",
-        source_file=up.image_name,
+        source_file=source_file or up.image_name,
         record_id=up.record_id,
         part_id="",
         key=up.key,

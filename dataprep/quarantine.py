@@ -67,12 +67,13 @@ class QuarantineRow:
 class Rejected(Exception):
     """Base of the 'skip and quarantine' errors: carries a reason code from REASONS."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, source_file: str | None = None) -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown quarantine reason {reason!r}")
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        self.source_file = source_file  # the upstream file that was bad, when not the record's image
 
 
 class RecordRejected(Rejected):

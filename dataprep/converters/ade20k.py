@@ -409,15 +409,13 @@ class Ade20k(Converter):
         image = image_model(data, info, PurePosixPath(upstream.image_name).name, None)
         h, w = image.height, image.width
 
-        sem_bytes = tree.read(payload["semantic"])
-        semantic = decode_png_array(sem_bytes, max_pixels=options.max_pixels)
+        sem_bytes, semantic = _read_map(tree, payload["semantic"], "semantic", options)
         if semantic.ndim != 2:
             raise RecordRejected(
                 "corrupt_image",
                 f"semantic PNG {payload['semantic']} is RGB; ADE20K semantic maps are 8-bit grey/palette class ids",
             )
-        ins_bytes = tree.read(payload["instance"])
-        instance = decode_png_array(ins_bytes, max_pixels=options.max_pixels)
+        ins_bytes, instance = _read_map(tree, payload["instance"], "instance", options)
         if instance.ndim != 3:
             raise RecordRejected(
                 "corrupt_image",
@@ -611,3 +609,13 @@ class Ade20k(Converter):
 def _primary(name: str) -> str:
     """'building, edifice' / 'window ' -> 'building' / 'window'."""
     return re.split(r"[;,]", name, maxsplit=1)[0].strip().lower()
+
+
+def _read_map(tree: Any, name: str, kind: str, options: ConvertOptions) -> tuple[bytes, Any]:
+    """A semantic / instance PNG's bytes and pixels; a bad one is quarantined naming that file, not the
+    record's image."""
+    try:
+        data = tree.read(name)
+        return data, decode_png_array(data, max_pixels=options.max_pixels)
+    except RecordRejected as err:
+        raise RecordRejected(err.reason, f"{kind} PNG {name}: {err.message}", source_file=str(name)) from None

@@ -272,6 +272,14 @@ def test_panoptic_case_quarantined(hostile_panoptic, record_id):
     check_case(hostile_panoptic["result"], record_id, reason, words)
 
 
+@pytest.mark.parametrize("record_id", ["7", "8", "9", "10"])
+def test_a_bad_mask_is_blamed_not_the_image(hostile_panoptic, record_id):
+    """The quarantine row names the panoptic PNG that was wrong (its tar member), not the record's good JPEG."""
+    row = hostile_panoptic["result"]["records"][record_id]
+    assert row["source_file"].endswith(".png") and f"{int(record_id):012d}" in row["source_file"], row
+    assert row["message"].startswith(f"panoptic PNG {row['source_file']}: "), row
+
+
 def test_panoptic_duplicate_annotation_quarantined(hostile_panoptic):
     rows = [q for q in hostile_panoptic["result"]["quarantine"] if q["reason"] == "duplicate_id"]
     assert [(q["level"], q["record_id"]) for q in rows] == [("record", "1")]
