@@ -8,7 +8,9 @@ without inventing annotation content.
 from __future__ import annotations
 
 import copy
+import io
 import json
+import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -306,3 +308,17 @@ def build_eval_world(corpora: Path, root: Path) -> dict[str, Path]:
         "images": str(polygons / "val2017"), "annotations": str(polygons / "annotations" / "instances_val2017.json"),
     }, ConvertParams())
     return out
+
+
+def tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A regular member NAME holding DATA (any name, `../` and absolute ones included: hostile archives)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def tar_link(tf: tarfile.TarFile, name: str, target: str, kind: bytes) -> None:
+    """A link member NAME -> TARGET (`kind`: tarfile.SYMTYPE or tarfile.LNKTYPE)."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    tf.addfile(info)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import tarfile
@@ -10,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from builders import tar_add, tar_link
 from conftest import (
     CORPORA,  # ../shared/corpora, or the shipped copy in examples/corpora
 )
@@ -38,19 +38,6 @@ def files() -> dict[str, bytes]:
     return {NAMES[0]: PNG.read_bytes(), NAMES[1]: JPEG.read_bytes(), NAMES[2]: MASK.read_bytes()}
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
-def _tar_link(tf: tarfile.TarFile, name: str, target: str, kind: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    tf.addfile(info)
-
-
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory: pytest.TempPathFactory, files: dict[str, bytes]) -> dict[str, Path]:
     """The same three files as a folder, a zip with a top-level folder, a tar and a tar.gz."""
@@ -71,7 +58,7 @@ def trees(tmp_path_factory: pytest.TempPathFactory, files: dict[str, bytes]) -> 
         path = base / f"val2017{suffix}"
         with tarfile.open(path, mode) as tf:
             for name, data in files.items():
-                _tar_add(tf, name, data)  # no top-level folder
+                tar_add(tf, name, data)  # no top-level folder
         paths[key] = path
     return paths
 
@@ -121,11 +108,11 @@ def test_tar_links_and_escaping_members_refused(tmp_path: Path, files: dict[str,
     path = tmp_path / "evil.tar"
     jpg = files["000000439180.jpg"]
     with tarfile.open(path, "w") as tf:
-        _tar_add(tf, "imgs/000000439180.jpg", jpg)
-        _tar_link(tf, "imgs/link.jpg", "/etc/passwd", tarfile.SYMTYPE)
-        _tar_link(tf, "imgs/hard.jpg", "/etc/passwd", tarfile.LNKTYPE)
-        _tar_add(tf, "../evil.jpg", b"escaped")
-        _tar_add(tf, "/abs.jpg", b"absolute")
+        tar_add(tf, "imgs/000000439180.jpg", jpg)
+        tar_link(tf, "imgs/link.jpg", "/etc/passwd", tarfile.SYMTYPE)
+        tar_link(tf, "imgs/hard.jpg", "/etc/passwd", tarfile.LNKTYPE)
+        tar_add(tf, "../evil.jpg", b"escaped")
+        tar_add(tf, "/abs.jpg", b"absolute")
     tree = open_tree(path)
     # the unsafe members must not hide the single top-level folder of the rest
     assert tree.names() == ["000000439180.jpg"]
@@ -212,7 +199,7 @@ def test_pickle_after_use(trees: dict[str, Path], files: dict[str, bytes], kind:
 def test_tar_index_travels_and_detects_change(tmp_path: Path, files: dict[str, bytes]) -> None:
     path = tmp_path / "a.tar"
     with tarfile.open(path, "w") as tf:
-        _tar_add(tf, "a.jpg", files["000000439180.jpg"])
+        tar_add(tf, "a.jpg", files["000000439180.jpg"])
     tree = open_tree(path)
     assert [e.name for e in tree.index_entries()] == ["a.jpg"]  # type: ignore[attr-defined]
     clone = pickle.loads(pickle.dumps(tree))
@@ -227,7 +214,7 @@ def test_truncated_tar_stops_the_run(tmp_path: Path, files: dict[str, bytes]) ->
     # A cut archive is a failed download, not one bad record: InputError, naming the fix.
     path = tmp_path / "cut.tar"
     with tarfile.open(path, "w") as tf:
-        _tar_add(tf, "a.jpg", files["000000439180.jpg"])
+        tar_add(tf, "a.jpg", files["000000439180.jpg"])
     data = path.read_bytes()
     path.write_bytes(data[: 512 + 1000])  # header + the first 1000 bytes of the member
     tree = open_tree(path)

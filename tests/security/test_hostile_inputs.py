@@ -21,7 +21,6 @@ What the neighbouring tests already cover is not repeated here:
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import tarfile
@@ -30,7 +29,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from builders import build_instances, build_panoptic, convert_local, load_json, read_samples
+from builders import build_instances, build_panoptic, convert_local, load_json, read_samples, tar_add, tar_link
 from conftest import CORPORA, invoke_cli
 
 from dataprep.convert import ConvertParams
@@ -54,18 +53,6 @@ def with_ihdr_size(png: bytes, width: int, height: int) -> bytes:
 
 def png_size(png: bytes) -> tuple[int, int]:
     return struct.unpack_from(">II", png, 16)
-
-
-def tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
-def tar_link(tf: tarfile.TarFile, name: str, target: str, kind: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, target
-    tf.addfile(info)
 
 
 def files_under(root: Path) -> set[str]:
