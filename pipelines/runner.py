@@ -167,7 +167,7 @@ class Runner:
             if step.train is not None:
                 from jobs.recipe import RecipeError, resolve_recipe
 
-                sets = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in step.train.set.items()]
+                sets = _set_overrides(step.train.set)
                 try:
                     read = [s.path for s in resolve_recipe(step.train.recipe, sets).mixture().sources]
                 except (RecipeError, FileNotFoundError) as err:
@@ -278,7 +278,7 @@ class Runner:
 
         from jobs.recipe import RecipeError, resolve_recipe
 
-        overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in body.set.items()]
+        overrides = _set_overrides(body.set)
         if body.init is not None:
             overrides.append("init=" + json.dumps([i.model_dump(by_alias=True) for i in body.init]))
         try:
@@ -414,8 +414,9 @@ class Runner:
     def run(self) -> list[Outcome]:
         from jobs.submit import init_ray
 
-        if self.tracking and any(d.action == "run" for d in self.plan()):
-            self._start_parent_run()
+        decisions = self.plan() if self.tracking else []
+        if any(d.action == "run" for d in decisions):
+            self._start_parent_run(decisions)
         elif self.tracking:
             state = self.store.workflow_state() or {}
             self.console.print(f"nothing to run: every step is cached (the last workflow run: MLflow run "
@@ -611,7 +612,7 @@ class Runner:
 
         return TrackingTarget.from_environment(self.workflow.experiment_name)
 
-    def _start_parent_run(self) -> None:
+    def _start_parent_run(self, decisions: list[Decision]) -> None:
         from jobs.tracking import Tracker, start_run
 
         state = self.store.workflow_state() or {}
@@ -625,7 +626,7 @@ class Runner:
         self.store.set_workflow_state({"run_id": self.parent_run_id, "status": "RUNNING", "started": _now()})
         tracker = Tracker(target, self.parent_run_id)
         tracker.log_text(self.path.read_text(), f"workflow/{self.path.name}")
-        tracker.log_text(json.dumps([d.to_dict() for d in self.plan()], indent=2), "workflow/plan.json")
+        tracker.log_text(json.dumps([d.to_dict() for d in decisions], indent=2), "workflow/plan.json")
         tracker.close(timeout=60)
         self.console.print(f"MLflow run {self.parent_run_id} ({target.shown()}, experiment {target.experiment})",
                            soft_wrap=True)
@@ -694,6 +695,11 @@ class Runner:
         tracker = Tracker(self._target(), run_id)
         tracker.set_tags(tags)
         tracker.close(timeout=60)
+
+
+def _set_overrides(values: dict[str, Any]) -> list[str]:
+    """A train step's `set:` as `xsam train --set KEY=VALUE` items (non-strings as JSON, which YAML reads)."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
 
 
 def _outputs(kind: str, result: dict[str, Any]) -> dict[str, Any]:
