@@ -20,6 +20,7 @@ REASONS: dict[str, str] = {
     "truncated_image": "the image ends before its end marker (JPEG EOI / PNG IEND)",
     "corrupt_image": "the image structure is broken (bad JPEG marker, PNG chunk CRC) or does not decode",
     "decompression_bomb": "the header declares more pixels than the cap (--max-pixels)",
+    "file_too_large": "an image, mask or per-image annotation file is over 1 GiB (by its size or an archive's declared size); refused unread",
     "size_mismatch": "a mask's size differs from its image's size, or the header differs from the annotations",
     "unknown_category": "an annotation names a category id that the category table lacks",
     "degenerate_polygon": "a polygon has fewer than 3 points or covers no pixel",

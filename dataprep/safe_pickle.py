@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dataprep.quarantine import InputError
+from dataprep.sources import read_annotation_file
 
 _ALLOWED = (dict, list, tuple, str, int, float, bool, type(None))
 
@@ -82,7 +83,5 @@ def loads_data_pickle(data: bytes, *, name: str, option: str = "refs") -> Any:
 def load_data_pickle(path: str | Path, *, option: str = "refs") -> tuple[Any, bytes]:
     """(object, raw bytes) of the pickle file at `path`; raises `InputError` when missing or refused."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--{option}: file not found: {p}")
-    raw = p.read_bytes()
+    raw = read_annotation_file(p, option, "pass the REFER refs pickle of the release")
     return loads_data_pickle(raw, name=p.name, option=option), raw

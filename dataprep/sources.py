@@ -24,7 +24,15 @@ Safety (every refusal is a `RecordRejected`, so the record is quarantined and th
 - an archive member that is a symlink, hard link, device, FIFO or directory, or whose own name is
   absolute or has a '..' component -> `unsafe_path` when requested, absent from `names()`; links are
   never followed and nothing is ever extracted to disk;
-- a name that is not there -> `missing_file` (`MissingFile`), naming the tree.
+- a name that is not there -> `missing_file` (`MissingFile`), naming the tree;
+- a file larger than `MAX_RECORD_FILE_BYTES` (1 GiB; by its size on disk or the size an archive
+  member declares, before anything is read or decompressed) -> `file_too_large`: no upstream image,
+  mask or per-image annotation comes near it, and reading it whole would cost that much memory in
+  every worker.
+
+Whole annotation inputs (a COCO JSON, a refs pickle) are read by `read_annotation_file`, which
+refuses a file over `max_annotation_bytes()` before reading it, with an `InputError` naming the
+file, its size, the limit and how to raise it (`XSAM_MAX_ANNOTATION_BYTES`).
 
 Trees are picklable and cheap to ship to a Ray task: `__getstate__` drops open file handles (they are
 re-opened lazily in the worker and cached per instance; not thread-safe, workers are processes).
@@ -49,6 +57,7 @@ from typing import IO, Any, Literal
 from dataprep.quarantine import InputError, RecordRejected
 
 __all__ = [
+    "MAX_RECORD_FILE_BYTES",
     "ArchiveEntry",
     "FileTree",
     "FolderTree",
@@ -56,10 +65,70 @@ __all__ = [
     "TarTree",
     "UnsafeName",
     "ZipTree",
+    "max_annotation_bytes",
     "open_tree",
+    "read_annotation_file",
 ]
 
 EntryKind = Literal["file", "dir", "symlink", "hardlink", "device", "fifo", "other", "unsafe_name"]
+
+
+# One file of a record (image, mask, per-image annotation): refused above this, before reading.
+MAX_RECORD_FILE_BYTES = 1 << 30
+# A whole annotation input is parsed in the driver's memory (Python objects take several times the
+# file's size). The largest upstream file X-SAM reads, LLaVA-665K's JSON, is about 1.0 GB.
+MAX_ANNOTATION_BYTES_ENV = "XSAM_MAX_ANNOTATION_BYTES"
+DEFAULT_MAX_ANNOTATION_BYTES = 3 << 29  # 1.5 GiB
+
+
+def max_annotation_bytes() -> int:
+    """The size limit of a whole annotation input: `XSAM_MAX_ANNOTATION_BYTES`, else 1.5 GiB."""
+    raw = os.environ.get(MAX_ANNOTATION_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_ANNOTATION_BYTES
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise InputError(f"{MAX_ANNOTATION_BYTES_ENV}={raw!r} is not a positive number of bytes; "
+                         "set it to e.g. 4000000000 or unset it for the default (1.5 GiB)")
+    return value
+
+
+def read_annotation_file(path: str | Path, option: str, fix: str) -> bytes:
+    """The bytes of the annotation input at `path` (the CLI option `option`); `InputError` naming the
+    file and `fix` when it is missing or not a regular file, and, before anything is read, when it is
+    larger than `max_annotation_bytes()`."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        raise InputError(f"--{option}: file not found: {p}; {fix}")
+    limit = max_annotation_bytes()
+    if st.st_size > limit:
+        raise InputError(
+            f"--{option}: {p} is {st.st_size:,} bytes, more than the {limit:,}-byte limit for an annotation "
+            f"file (it is parsed whole in memory; the largest upstream file is about 1.0 GB); refused before "
+            f"reading it. If the file is genuine, raise the limit: {MAX_ANNOTATION_BYTES_ENV}=BYTES; "
+            f"otherwise {fix}"
+        )
+    with open(p, "rb") as f:
+        raw = f.read(limit + 1)  # a file that grew since stat() is still bounded
+    if len(raw) > limit:
+        raise InputError(f"--{option}: {p} grew past the {limit:,}-byte limit while being read; refused")
+    return raw
+
+
+def _too_large(name: str, where: str, size: int) -> RecordRejected:
+    return RecordRejected(
+        "file_too_large",
+        f"{name!r} in {where} is {size:,} bytes, more than the {MAX_RECORD_FILE_BYTES:,}-byte cap for one file "
+        "of a record; refused before reading (no upstream image, mask or per-image annotation is that "
+        "large: the file is damaged or not what the annotations name)",
+    )
 
 
 class UnsafeName(RecordRejected):
@@ -215,12 +284,17 @@ class FolderTree(FileTree):
         found = self._resolve(name)
         if found is None:
             raise MissingFile(f"{name!r} is not in folder {self.root} (looked for a regular file)")
+        if found[1].st_size > MAX_RECORD_FILE_BYTES:
+            raise _too_large(name, f"folder {self.root}", found[1].st_size)
         # Open the already-resolved real path so a symlink swapped in after the check is not used.
         try:
             with open(found[0], "rb") as f:
-                return f.read()
+                data = f.read(MAX_RECORD_FILE_BYTES + 1)
         except OSError as exc:  # removed or made unreadable since the check
             raise MissingFile(f"{name!r} in folder {self.root} cannot be read: {exc}") from exc
+        if len(data) > MAX_RECORD_FILE_BYTES:  # grew since the check
+            raise _too_large(name, f"folder {self.root}", len(data))
+        return data
 
     def size(self, name: str) -> int | None:
         found = self._resolve(name)
@@ -319,6 +393,8 @@ class _ArchiveTree(FileTree):
         found = self._lookup(name)
         if found is None:
             raise self._missing(name)
+        if found[0].size > MAX_RECORD_FILE_BYTES:  # the declared size: nothing read or inflated yet
+            raise _too_large(name, f"archive {self.root} (member {found[0].name!r})", found[0].size)
         return self._read_entry(found[0], found[1])
 
     @abstractmethod

@@ -23,7 +23,7 @@ from rich.console import Console
 
 # forwarded to the job when set here; none of them is a credential
 FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
-             "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE", "XSAM_PARENT_RUN_ID")
+             "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HUB_OFFLINE", "XSAM_PARENT_RUN_ID", "XSAM_MAX_ANNOTATION_BYTES")
 
 
 def init_ray(address: str | None, *, num_cpus: int) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from dataprep.imagecheck import DEFAULT_MAX_PIXELS, ImageInfo, inspect_image
 from dataprep.quarantine import InputError, QuarantineRow, RecordRejected
-from dataprep.sources import FileTree, open_tree
+from dataprep.sources import FileTree, open_tree, read_annotation_file
 from xsam.data.schema import Image, Record
 
 
@@ -125,11 +125,10 @@ def sha256_path(path: str | Path) -> str:
 
 
 def load_json_input(path: str | Path, option: str, fix: str) -> tuple[Any, InputFile]:
-    """Parse a top-level annotation JSON, failing fast with a message naming the file and the fix."""
+    """Parse a top-level annotation JSON, failing fast with a message naming the file and the fix (also
+    for a file over the annotation size limit, refused unread: `dataprep.sources.read_annotation_file`)."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--{option}: file not found: {p}; {fix}")
-    raw = p.read_bytes()
+    raw = read_annotation_file(p, option, fix)
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

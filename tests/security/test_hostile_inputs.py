@@ -6,8 +6,10 @@ bad record is in `quarantine.parquet` with the expected reason and a message nam
 good record is written (in the index and in the shards), and `records_read == samples + quarantined`.
 Inputs that must stop the run (an annotation file that is not JSON at all, not UTF-8, nested 10^5
 deep, or not a COCO document; an images "archive" that is not one) are refused by `xsam data convert`
-with exit code 2 and a message naming the file, and nothing is written. Not here yet: a size limit on
-annotation files (a 2 GB file is read whole before it is refused).
+with exit code 2 and a message naming the file, and nothing is written; so is an annotation file
+declaring 2 GB (sparse: refused from its size, never read). A record's file over 1 GiB (a sparse image
+in a folder, a zip member whose directory entry declares 2 GB) is quarantined as `file_too_large`
+without being read or inflated.
 
 What the neighbouring tests already cover is not repeated here:
 - tests/dataprep/test_quarantine.py: panoptic missing file, truncated JPEG, PNG CRC, PNG image bomb,
@@ -22,6 +24,7 @@ What the neighbouring tests already cover is not repeated here:
 from __future__ import annotations
 
 import json
+import os
 import struct
 import tarfile
 import zipfile
@@ -108,7 +111,9 @@ INSTANCES_CASES = {
     "7": ("decompression_bomb", ("4000x4000", "16,000,000", "2,000,000", "before decoding")),
     "8": ("unsafe_path", ()),  # an absolute file name pointing at a real image outside --images
     "9": ("unsafe_path", ("not valid UTF-8",)),  # a non-UTF-8 name (lone surrogate through a JSON escape)
+    "10": ("file_too_large", ("2,000,000,000 bytes", "refused before reading")),  # a sparse 2 GB "image"
 }
+DECLARED = 2_000_000_000  # what the oversized files declare (sparse on disk, or a zip directory entry)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +143,8 @@ def hostile_instances(tmp_path_factory):
     outside.write_bytes(png)
     add(8, str(outside), None)
     add(9, "\udcff.png", None)  # a byte name os.fsdecode'd (b"\\xff.png"): written to JSON as an escape
+    add(10, "000000000010.png", png)
+    os.truncate(images / "000000000010.png", DECLARED)  # sparse: declares 2 GB, takes no disk
     paths["annotations"].write_text(json.dumps(doc))
 
     decoded: list[tuple[int, int]] = []
@@ -203,7 +210,22 @@ PANOPTIC_CASES = {
     "8": ("unsafe_path", ("link",)),  # tar mask member that is a symlink
     "9": ("unsafe_path", ("..",)),  # tar mask member ../000000000009.png
     "10": ("unsupported_format", ("mask is a JPEG", "masks must be PNG")),  # the real JPEG saved as the mask
+    "11": ("file_too_large", ("2,000,000,000 bytes", "member")),  # zip member whose directory declares 2 GB
 }
+
+
+def zip_declare_size(path: Path, member: str, size: int) -> None:
+    """Make the zip's central directory declare `size` uncompressed bytes for `member` (the data stays)."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02")
+    while at >= 0:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, at + 28)
+        if data[at + 46 : at + 46 + name_len] == member.encode():
+            struct.pack_into("<I", data, at + 24, size)
+            path.write_bytes(bytes(data))
+            return
+        at = data.find(b"PK\x01\x02", at + 46 + name_len + extra_len + comment_len)
+    raise AssertionError(f"{member} not in the central directory of {path}")
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +255,7 @@ def hostile_panoptic(tmp_path_factory):
         link = zipfile.ZipInfo("val2017/000000000006.jpg")
         link.external_attr = 0o120777 << 16  # unix symlink: the data is the target
         zf.writestr(link, "/etc/passwd")
+    zip_declare_size(images_zip, "val2017/000000000011.jpg", DECLARED)
     masks_tar = root / "panoptic_val2017.tar"
     with tarfile.open(masks_tar, "w") as tf:
         for i in range(1, n + 1):
@@ -314,6 +337,7 @@ REFUSED = {
     "list-annotations": "lacks top-level keys",  # valid JSON, but a list, not a COCO document
     "fake-zip-images": "",  # --images is a text file named val2017.zip
     "deep-annotations": "nests JSON deeper",  # JSON nested 10^5 deep: refused, not a RecursionError
+    "huge-annotations": "XSAM_MAX_ANNOTATION_BYTES",  # declares 2 GB (sparse): refused unread, says how to allow it
 }
 
 
@@ -331,6 +355,8 @@ def _damage(name: str, paths: dict, root: Path) -> Path:
         ann.write_text(json.dumps([load_json(ann)]))
     elif name == "deep-annotations":
         ann.write_text("[" * 100_000 + "]" * 100_000)
+    elif name == "huge-annotations":
+        os.truncate(ann, DECLARED)
     elif name == "fake-zip-images":
         fake = root / "val2017.zip"
         fake.write_text("this is not a zip archive\n")
@@ -351,3 +377,24 @@ def test_refused_inputs_stop_the_run(tmp_path, name):
     assert REFUSED[name] in text
     assert "Traceback" not in text
     assert not out.exists() or not any(out.rglob("*")), sorted(files_under(out))
+
+
+def test_the_annotation_limit_can_be_raised_and_is_checked(tmp_path, monkeypatch):
+    """XSAM_MAX_ANNOTATION_BYTES moves the limit both ways; a value that is not a size is refused."""
+    from dataprep.converters.base import load_json_input
+    from dataprep.quarantine import InputError
+    from dataprep.sources import DEFAULT_MAX_ANNOTATION_BYTES, max_annotation_bytes
+
+    paths = build_panoptic(CORPORA, tmp_path / "coco", 1)
+    ann = paths["annotations"]
+    size = ann.stat().st_size
+    assert max_annotation_bytes() == DEFAULT_MAX_ANNOTATION_BYTES > DECLARED / 2
+    monkeypatch.setenv("XSAM_MAX_ANNOTATION_BYTES", str(size - 1))
+    with pytest.raises(InputError, match=f"{size:,} bytes, more than the {size - 1:,}-byte limit"):
+        load_json_input(ann, "annotations", "fix")
+    monkeypatch.setenv("XSAM_MAX_ANNOTATION_BYTES", str(size))
+    data, source = load_json_input(ann, "annotations", "fix")
+    assert data == load_json(ann) and source.name == ann.name
+    monkeypatch.setenv("XSAM_MAX_ANNOTATION_BYTES", "2GB")
+    with pytest.raises(InputError, match="XSAM_MAX_ANNOTATION_BYTES='2GB' is not a positive number of bytes"):
+        load_json_input(ann, "annotations", "fix")
