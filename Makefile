@@ -9,7 +9,8 @@ CORPORA := examples/corpora
 QS := data/quickstart
 QSRUNS := runs/quickstart
 
-.PHONY: install system-deps quickstart test test-fast bench bench-loader bench-train clean-quickstart
+.PHONY: install system-deps quickstart test test-fast bench bench-convert bench-loader bench-train bench-eval \
+	bench-report clean-quickstart
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,14 +60,28 @@ test: install system-deps
 test-fast: install system-deps
 	$(VENV)/bin/pytest -m "not slow"
 
+# Benchmarks (docs/benchmarks.md): each script replaces its results block and writes its JSON; report.py then
+# draws the plots and the summary from the JSON there. One after the other (never in parallel: they measure).
+# BENCH_ARGS goes to every script (`make bench BENCH_ARGS=--quick`: reduced sizes, a check that they run);
+# XSAM_BENCH_DOCS=DIR/benchmarks.md writes a copy of the page, and its plots, under DIR instead of docs/.
+BENCH_ARGS ?=
+BENCH_RESULTS ?= benchmarks/out/results
+bench_run = mkdir -p $(BENCH_RESULTS) && $(PY) benchmarks/$(1).py --write-docs --json $(BENCH_RESULTS)/$(1).json $(BENCH_ARGS)
+bench_report = $(PY) benchmarks/report.py --results $(BENCH_RESULTS) --write-docs
+
 bench: install
-	$(PY) benchmarks/convert.py
+	$(call bench_run,convert)
+	$(call bench_run,loader)
+	$(call bench_run,train)
+	$(call bench_run,eval)
+	$(bench_report)
 
-bench-loader: install
-	$(PY) benchmarks/loader.py
+bench-convert bench-loader bench-train bench-eval: bench-%: install
+	$(call bench_run,$*)
+	$(bench_report)
 
-bench-train: install
-	$(PY) benchmarks/train.py
+bench-report:
+	$(bench_report)
 
 clean-quickstart:
 	rm -rf $(QS) $(QSRUNS) xsam-runs/pipelines/quickstart xsam-runs/quickstart-*

@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import CORPORA, DOCS, REPO, busy_share, emit, cpu_ticks, load_builders, loadavg, work_folder, write_block
+from common import (CORPORA, DOCS, ONE_RUN, busy_share, cpu_ticks, emit, load_builders, loadavg, quick_note,
+                    shown, work_folder, write_block)
 from common import machine as machine_facts
 
 # A single-machine Ray binds to loopback (read when ray is imported), and reports no usage stats.
@@ -63,6 +64,8 @@ BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
 
 TARGET_RATIO = 0.5  # of the Ray copy floor, default validation
 TARGET_PER_CORE = 300.0  # samples/s per worker, default validation, COCO-size images
+# --quick: the flags left at their defaults become these (a check that the benchmark runs, in ~1 minute)
+QUICK = {"records": 100, "panoptic_records": 40, "repeats": 1, "shard_samples": 50}
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -354,6 +357,7 @@ def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "shard_samples": args.shard_samples,
             "cpu_units": args.cpu_units,
             "workers": args.workers,
+            "quick": args.quick,
         },
         "machine": machine(),
         "cases": {
@@ -409,6 +413,8 @@ def markdown(result: dict[str, Any]) -> str:
     a, m, busy = result["args"], result["machine"], result["load"]["busy"]
     sizes = ", ".join(f"{name} {c['records']}" for name, c in result["cases"].items())
     lines = [
+        f"{ONE_RUN}{quick_note(a.get('quick', False))}",
+        "",
         f"Run: `--records {a['records']} --panoptic-records {a['panoptic_records']} --repeats {a['repeats']} "
         f"--shard-samples {a['shard_samples']} --cpu-units {a['cpu_units']}` (records: {sizes}; workers "
         f"{', '.join(map(str, a['workers']))}); {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, "
@@ -528,12 +534,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-units", type=int, default=1, help="units per in-process CPU-time pass; 0 skips that table (1)"
     )
-    parser.add_argument("--write-docs", action="store_true", help=f"update the results in {DOCS.relative_to(REPO)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced sizes, a check that it runs: the flags left at their defaults become "
+                             + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--write-docs", action="store_true", help=f"update the results in {shown(DOCS)}")
     parser.add_argument("--json", default=None, help="also write the raw results (every timing) to this file")
     parser.add_argument("--profile", action="store_true", help="instead: cProfile run_unit on one unit per case")
     parser.add_argument("--profile-top", type=int, default=25, help="functions listed per profile (25)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each measurement to stderr")
     args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     try:
         args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
     except ValueError:

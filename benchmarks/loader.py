@@ -64,7 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import CORPORA, DOCS, REPO, busy_share, emit, cpu_ticks, load_builders, loadavg, work_folder, write_block
+from common import (CORPORA, DOCS, ONE_RUN, busy_share, cpu_ticks, emit, load_builders, loadavg, quick_note,
+                    shown, work_folder, write_block)
 from common import machine as machine_facts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,6 +77,9 @@ SECTION = "# Benchmarks: training data stream"
 PARTS = ("throughput", "memory", "first-batch")
 TARGET_RATIO = 1.5  # loader with 2 workers / plain loop, on 2 cores
 SEED = 1234
+# --quick: the flags left at their defaults become these (a check that the benchmark runs, in ~1 minute)
+QUICK = {"records": 24, "items": "20", "repeats": 1, "rss_items": 8, "ttfb_records": 100, "ttfb_shards": "1,10,100",
+         "ttfb_repeats": 1, "plan_items": "100000"}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -630,6 +634,7 @@ def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "ttfb_shards": args.ttfb_shards,
             "ttfb_repeats": args.ttfb_repeats,
             "parts": args.parts,
+            "quick": args.quick,
         },
         "machine": machine(),
         "throughput": [row for run in sizes for row in summarize_size(run)],
@@ -673,6 +678,8 @@ def markdown(result: dict[str, Any]) -> str:
     a, m, busy = result["args"], result["machine"], result["load"]["busy"]
     ph = result["phases_s"]
     lines = [
+        f"{ONE_RUN}{quick_note(a.get('quick', False))}",
+        "",
         f"Run: `--records {a['records']} --items {','.join(map(str, a['items']))} --sizes {','.join(a['sizes'])} "
         f"--repeats {a['repeats']} --micro {a['micro']}` (shards of {a['shard_samples']} records, shuffle buffer "
         f"{a['shuffle_buffer']}); {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, torch {m['torch']} "
@@ -865,7 +872,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttfb-repeats", type=int, default=2, help="first-batch runs per configuration (2)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"which measurements ({','.join(PARTS)})")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary folder, removed after)")
-    parser.add_argument("--write-docs", action="store_true", help=f"update the results in {DOCS.relative_to(REPO)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced sizes, a check that it runs: the flags left at their defaults become "
+                             + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--write-docs", action="store_true", help=f"update the results in {shown(DOCS)}")
     parser.add_argument("--json", default=None, help="also write the raw results (every timing) to this file")
     parser.add_argument("--profile", action="store_true", help="instead: cProfile the plain loop at each size")
     parser.add_argument("--profile-top", type=int, default=25, help="functions listed per profile (25)")
@@ -875,6 +885,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     try:
         args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
         args.size_items = _int_list(args.items)

@@ -43,12 +43,12 @@ import os
 import shutil
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from common import DOCS, REPO, busy_share, cpu_ticks, loadavg, work_folder, write_block
+from common import (DOCS, IMAGES, ONE_RUN, REPO, Window, busy_share, cpu_ticks, loadavg, machine_title, quick_note, shown,
+                    work_folder, write_block)
 from common import machine as machine_facts
 
 # A single-machine Ray binds to loopback (read when ray is imported), and reports no usage stats.
@@ -62,9 +62,11 @@ SECTION = "# Benchmarks: training"
 RECIPE = REPO / "pipelines" / "recipes" / "tiny-stage3.yaml"
 CORPORA = REPO / "examples" / "corpora"
 # docs/ keeps its pictures in docs/images/; the plot goes there, linked from the results block
-PLOT = REPO / "docs" / "images" / "bench-train-step-time.png"
+PLOT = IMAGES / "bench-train-step-time.png"
 DATASETS = ("llava", "refcoco", "reasonseg", "coco-vgd")  # tests/jobs/test_train.py::_tiny_world_recipe
 TARGET_WAIT = 0.05  # data-wait share of a step
+# --quick: the flags left at their defaults become these (a check that the benchmark runs; still three runs)
+QUICK = {"steps": 4, "warmup": 1}
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -111,64 +113,6 @@ def recipe_for(data_root: Path, *, steps: int, loader_workers: int, steps_per_ep
 
 
 # ---- measurements -------------------------------------------------------------------------------
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_ticks() -> dict[tuple[int, str], int]:
-    """{(pid, start time): user + system ticks} of this process and all its descendants: Ray's GCS and
-    raylet, the workers the raylet starts, the training workers' loader processes."""
-    stats: dict[int, tuple[int, str, int]] = {}  # pid -> (parent, start time, ticks)
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # after "(comm)", counted from state = 0: ppid 1, utime 11, stime 12, starttime 19
-        stats[int(name)] = (int(fields[1]), fields[19], int(fields[11]) + int(fields[12]))
-    tree, frontier = {os.getpid()}, {os.getpid()}
-    while frontier:
-        frontier = {p for p, (parent, _, _) in stats.items() if parent in frontier and p not in tree}
-        tree |= frontier
-    return {(p, stats[p][1]): stats[p][2] for p in tree if p in stats}
-
-
-class Window(threading.Thread):
-    """Wall time, machine-wide busy cores and this process tree's cores between start and stop.
-
-    The tree is sampled every `period` s and each process's own ticks are summed from when it was
-    first seen (from its ticks at the start, for the processes already running then). Reaped
-    children's `cutime` cannot be used: the raylet lets its exited workers be reaped without
-    collecting their times (it ignores SIGCHLD). A process that exits loses at most its last
-    `period` s of CPU."""
-
-    def __init__(self, period: float = 0.5) -> None:
-        super().__init__(daemon=True)
-        self.period, self._halt = period, threading.Event()
-        self.base = tree_ticks()
-        self.last = dict(self.base)
-        self.t0, self.machine0, self.load0 = time.perf_counter(), cpu_ticks(), loadavg()
-        self.start()
-
-    def run(self) -> None:
-        while not self._halt.wait(self.period):
-            self.last.update(tree_ticks())
-
-    def stop(self) -> dict[str, Any]:
-        self._halt.set()
-        self.join()
-        self.last.update(tree_ticks())
-        wall = time.perf_counter() - self.t0
-        busy = busy_share(self.machine0, cpu_ticks())
-        own = sum(t - self.base.get(key, 0) for key, t in self.last.items()) / _TICKS / wall
-        machine = None if busy is None else busy * (os.cpu_count() or 1)
-        return {"wall_s": wall, "own_cores": own, "machine_cores": machine,
-                "others_cores": None if machine is None else max(0.0, machine - own),
-                "load_start": self.load0, "load_end": loadavg()}
-
 
 def loader_cost(recipe: Any) -> dict[str, Any]:
     """Rank 0 of a 1-worker job, in this process: one epoch through `StreamLoader(num_workers=0)` with the
@@ -313,7 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return next(r for r in rows if r["world"] == world and r["loader_workers"] == loader_workers)
 
     return {
-        "args": {"steps": args.steps, "warmup": args.warmup, "num_workers": args.num_workers},
+        "args": {"steps": args.steps, "warmup": args.warmup, "num_workers": args.num_workers, "quick": args.quick},
         "machine": machine(),
         "steps_per_epoch": per_epoch,
         "loader_cost": cost,
@@ -340,6 +284,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows, warmup = result["runs"], result["args"]["warmup"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100, gridspec_kw={"width_ratios": [1, 1.3]})
@@ -373,11 +318,12 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     right.set_yscale("symlog", linthresh=1)
     right.set_ylim(0, top * 1.4)
     right.set_xlim(0.5, max(len(r["steps"]) for r in rows) + 0.5)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("optimizer step")
     right.set_ylabel("data wait / step time (%, rank 0)")
     right.set_title("data-wait share per step", fontsize=10)
     right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
-    fig.suptitle(f"tiny stage-3 (ZeRO-2, CPU, fp32) on Ray Train, {result['machine']['nproc']} CPUs", fontsize=11)
+    fig.suptitle(f"tiny stage-3 (ZeRO-2, CPU, fp32) on Ray Train: {machine_title(result['machine'])}", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -443,6 +389,8 @@ def markdown(result: dict[str, Any]) -> str:
     a, m, cost, busy = result["args"], result["machine"], result["loader_cost"], result["load"]["busy"]
     rows = result["runs"]
     lines = [
+        f"{ONE_RUN}{quick_note(a.get('quick', False))}",
+        "",
         f"Run: `.venv/bin/python benchmarks/train.py --steps {a['steps']} --warmup {a['warmup']} "
         f"--num-workers {a['num_workers']} --write-docs` (tiny-stage3 over the llava, refcoco, reasonseg and coco-vgd "
         f"example datasets, {result['steps_per_epoch']} optimizer steps per epoch, global batch 2, micro-batch 1); "
@@ -542,15 +490,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"),
                         help="datasets go to OUT/train-data, runs to OUT/train-runs (both emptied first)")
     parser.add_argument("--plot", default=None,
-                        help=f"the PNG (default: OUT/train-step-time.png; {PLOT.relative_to(REPO)} with --write-docs)")
-    parser.add_argument("--write-docs", action="store_true", help=f"update the results in {DOCS.relative_to(REPO)}")
+                        help=f"the PNG (default: OUT/train-step-time.png; {shown(PLOT)} with --write-docs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced sizes, a check that it runs: the flags left at their defaults become "
+                             + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--write-docs", action="store_true", help=f"update the results in {shown(DOCS)}")
     parser.add_argument("--json", default=None, help="also write the raw results (every step record) to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the training workers' output")
     args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     if args.num_workers < 0 or args.warmup < 0 or args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup; counts must be >= 0")
     if args.write_docs and args.plot and Path(args.plot).resolve() != PLOT:
-        parser.error(f"--write-docs links {PLOT.relative_to(REPO)}: leave out --plot")
+        parser.error(f"--write-docs links {shown(PLOT)}: leave out --plot")
     args.plot = args.plot or str(PLOT if args.write_docs else Path(args.out) / "train-step-time.png")
     result = run(args)
     png = plot(result, Path(args.plot))
@@ -560,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.write_docs:
         write_docs(markdown(result))
-        print(f"(updated {DOCS.relative_to(REPO)})", file=sys.stderr)
+        print(f"(updated {shown(DOCS)})", file=sys.stderr)
     return 0
 
 
