@@ -11,15 +11,22 @@ hashes, index rows and quarantine rows.
 Resume: a unit is skipped only when its completion record matches the current plan digest AND every
 shard it lists still hashes to the recorded sha256 (read back, not trusted from existence).
 Finalize writes index, quarantine, dataset.json and, last, manifest.parquet, then removes `_work/`.
+
+Disk full: a write that fails with ENOSPC/EDQUOT raises `DiskFullError`, naming the file and what to do;
+the failed shard's temporary file is removed, so no partial shard ever holds a final name or the space.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from dataprep.converters.base import ConvertOptions, Converter, Plan, UpstreamRecord
@@ -100,6 +107,30 @@ class UnitResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+class DiskFullError(OSError):
+    """A conversion write failed for lack of space (ENOSPC) or quota (EDQUOT): the message names the
+    file and the fix. Finished shards stay valid; the same command resumes once space is freed."""
+
+
+@contextmanager
+def disk_full_is_fatal(storage: Storage, rel: str, local: Path | None = None) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT while writing `rel` (through the local file `local`, if any) into one
+    `DiskFullError` that says which file, on which disk, and how to resume."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):  # (a DiskFullError has no errno: passes)
+            raise
+        through = err.filename or local
+        disk = local.parent if local is not None and storage.local_path(rel) is None else storage.url
+        raise DiskFullError(
+            f"disk full: writing {storage.describe(rel)} failed ({err.strerror}"
+            f"{f', local file {through}' if through else ''}). Free space (or raise the quota) on the disk "
+            f"holding {disk}, or convert to another --out; then re-run the same command: finished shards are "
+            "verified and reused, and no partial shard was kept"
+        ) from err
+
+
 def make_units(records: list[UpstreamRecord], params: ConvertParams) -> list[Unit]:
     """Cut key-sorted records into units by count and estimated bytes (inputs-only, so stable)."""
     units: list[Unit] = []
@@ -174,7 +205,8 @@ def prepare(converter: Converter, storage: Storage, params: ConvertParams, *, re
                 )
             storage.delete_prefix("")  # --replace: the other conversion's pieces go
     if not storage.exists(plan_rel):
-        storage.put_bytes(plan_rel, canonical_json({"digest": digest, "identity": identity, "units": len(units)}))
+        with disk_full_is_fatal(storage, plan_rel):
+            storage.put_bytes(plan_rel, canonical_json({"digest": digest, "identity": identity, "units": len(units)}))
     return prepared
 
 
@@ -253,9 +285,15 @@ def run_unit(
     shards = []
     for p, part in enumerate(parts):
         name = f"shard-{unit.index:06d}-{p:02d}.tar"
-        tmp = storage.scratch_dir() / f".{name}.{uuid.uuid4().hex}.partial"
-        sha, nbytes = write_shard_file(tmp, [entry for entry, _ in part])
-        storage.put_file(f"{SHARDS_DIR}/{name}", tmp)
+        rel = f"{SHARDS_DIR}/{name}"
+        with disk_full_is_fatal(storage, rel):
+            tmp = storage.scratch_dir() / f".{name}.{uuid.uuid4().hex}.partial"
+        try:
+            with disk_full_is_fatal(storage, rel, tmp):
+                sha, nbytes = write_shard_file(tmp, [entry for entry, _ in part])
+                storage.put_file(rel, tmp)  # consumes tmp: the final name appears only when complete
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write's partial file must not keep the space a re-run needs
         counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for _, row in part:
             row["shard"] = name
@@ -285,7 +323,8 @@ def run_unit(
     # what `asdict(result)` minus "reused" holds (the values are plain JSON data already; asdict's
     # deep copy cost ~0.07 ms per record), so the completion record is byte-identical
     payload = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "reused"}
-    storage.put_bytes(done_rel, canonical_json({**payload, "digest": unit_digest}))
+    with disk_full_is_fatal(storage, done_rel):
+        storage.put_bytes(done_rel, canonical_json({**payload, "digest": unit_digest}))
     return result
 
 
@@ -357,10 +396,14 @@ def finalize(prepared: Prepared, storage: Storage, results: list[UnitResult]) ->
         "by_task": {t: dict(sorted(s.items())) for t, s in sorted(by_task.items())},
         "by_reason": by_reason,
     }
-    storage.put_bytes(INDEX, parquet_bytes(index_rows, INDEX_SCHEMA))
-    storage.put_bytes(QUARANTINE, parquet_bytes(q_rows, QUARANTINE_SCHEMA))
-    storage.put_bytes(DATASET, dataset_json_bytes(meta))
-    storage.put_bytes(MANIFEST, parquet_bytes(manifest_rows, MANIFEST_SCHEMA))  # last: marks completion
+    for rel, data in (
+        (INDEX, parquet_bytes(index_rows, INDEX_SCHEMA)),
+        (QUARANTINE, parquet_bytes(q_rows, QUARANTINE_SCHEMA)),
+        (DATASET, dataset_json_bytes(meta)),
+        (MANIFEST, parquet_bytes(manifest_rows, MANIFEST_SCHEMA)),  # last: marks completion
+    ):
+        with disk_full_is_fatal(storage, rel):
+            storage.put_bytes(rel, data)
     keep = {f"{SHARDS_DIR}/{s['name']}" for s in manifest_rows}
     for rel in storage.list(SHARDS_DIR):
         if rel not in keep:  # parts of an interrupted attempt under another layout

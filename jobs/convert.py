@@ -23,7 +23,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dataprep.convert import ConvertParams, Prepared, UnitResult, cleanup_complete, finalize, prepare, run_unit
+from dataprep.convert import (
+    ConvertParams,
+    DiskFullError,
+    Prepared,
+    UnitResult,
+    cleanup_complete,
+    finalize,
+    prepare,
+    run_unit,
+)
 from dataprep.converters import get_converter
 from xsam.data.manifest import DATASET, LOGS_DIR
 from dataprep.shard_writer import canonical_json
@@ -133,7 +142,14 @@ def _run_units(prepared: Prepared, storage: Storage, num_workers: int, console: 
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
                 inflight.pop(ref)
-                result = ray.get(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    if not isinstance(err.cause, DiskFullError):
+                        raise
+                    for other in inflight:  # they would fail the same way; stop them writing
+                        ray.cancel(other)
+                    raise err.cause from None  # one clear message, not a worker traceback
                 results.append(result)
                 samples += result.samples
                 rate = samples / max(time.monotonic() - t0, 1e-6)

@@ -13,7 +13,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from dataprep.convert import DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES, ConvertParams
+from dataprep.convert import DEFAULT_SHARD_MAX_BYTES, DEFAULT_SHARD_MAX_SAMPLES, ConvertParams, DiskFullError
 from dataprep.converters import CONVERTERS
 from dataprep.imagecheck import DEFAULT_MAX_PIXELS
 from dataprep.quarantine import InputError
@@ -105,6 +105,8 @@ def convert(
                                  console=err_console, replace=replace)
     except (InputError, ValueError) as err:
         fail(str(err))
+    except DiskFullError as err:
+        fail(str(err), 1)
     if result_json:
         from jobs.outcome import dataset_version, write_result
 

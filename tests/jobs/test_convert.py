@@ -4,19 +4,17 @@
   reproducible from (seed, key, epoch, item);
 - the same inputs give a byte-identical folder for any number of workers and for folder vs
   archive inputs, locally and on S3;
-- a resumed run reuses finished shards only when their hash verifies; a finished run is a no-op;
-- SIGKILL at any moment, then the same command, gives the uninterrupted output.
+- a resumed run reuses finished shards only when their hash verifies; a finished run is a no-op.
+
+SIGKILL at seeded random points and a full disk are fault drills: tests/drills/test_drill_kill.py and
+tests/drills/test_drill_disk_full.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -210,66 +208,6 @@ def test_resume_reuses_only_verified_shards(ray_session, panoptic12, tmp_path):
     output = cli(*convert_args("coco-panoptic", tmp_path / "out", panoptic12, "--shard-max-samples", "4"))
     assert "2 / 1" in output  # units converted / reused: unit 0 redone (hash mismatch), unit 1 reused
     assert dataset_files(tmp_path / "out") == dataset_files(tmp_path / "reference")
-
-
-def _start_convert(out: Path, inputs: dict[str, Path], address: str, extra: tuple[str, ...]) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "xsam"
-    args = [str(exe), *convert_args("coco-panoptic", out, inputs, *extra), "--address", address]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _kill_when(proc: subprocess.Popen, out: Path, point: str, timeout: float = 120) -> bool:
-    """SIGKILL the driver at a kill point; returns False when it finished before reaching it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        units = list((out / "_work" / "units").glob("*.json")) if (out / "_work").exists() else []
-        reached = {
-            "planned": (out / "_work" / "plan.json").exists(),
-            "first-unit": len(units) >= 1,
-            "half": len(units) >= 5,
-            "finalizing": (out / "index.parquet").exists(),
-        }[point]
-        if reached:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.005)
-    proc.kill()
-    raise AssertionError(f"kill point {point} not reached in {timeout}s")
-
-
-@pytest.fixture(scope="module")
-def panoptic_reference(ray_session, panoptic12, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "out"
-    cli(*convert_args("coco-panoptic", out, panoptic12, "--shard-max-samples", "1"))
-    return dataset_files(out)
-
-
-def _kill_and_resume(point, ray_session, panoptic12, panoptic_reference, tmp_path):
-    out = tmp_path / "out"
-    extra = ("--shard-max-samples", "1", "--num-workers", "1")
-    proc = _start_convert(out, panoptic12, ray_session, extra)
-    killed = _kill_when(proc, out, point)
-    rerun = subprocess.run(
-        [str(Path(sys.executable).parent / "xsam"), *convert_args("coco-panoptic", out, panoptic12, *extra),
-         "--address", ray_session],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert rerun.returncode == 0, rerun.stderr
-    assert dataset_files(out) == panoptic_reference, f"kill point {point} (killed={killed})"
-    assert not (out / "_work").exists()
-
-
-def test_sigkill_mid_run_then_resume_is_byte_identical(ray_session, panoptic12, panoptic_reference, tmp_path):
-    _kill_and_resume("first-unit", ray_session, panoptic12, panoptic_reference, tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("point", ["planned", "half", "finalizing"])
-def test_sigkill_sweep(point, ray_session, panoptic12, panoptic_reference, tmp_path):
-    _kill_and_resume(point, ray_session, panoptic12, panoptic_reference, tmp_path)
 
 
 def test_s3_output_matches_local_and_is_readable(ray_session, bucket, panoptic12, tmp_path):
