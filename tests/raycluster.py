@@ -2,8 +2,8 @@
 
 The session-wide Ray of conftest.py serves most tests; this one adds what it cannot: a dashboard
 (the Jobs API) and a second node on another loopback address (127.0.0.2), so Ray sees two real
-nodes. Everything it starts is stopped by `stop()` without `ray stop`, which would also kill the
-session's shared Ray.
+nodes. `remove_node` takes a node away as a machine loss does (fault drills). Everything it starts
+is stopped by `stop()` without `ray stop`, which would also kill the session's shared Ray.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class LocalRayCluster:
             "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         self.procs: list[subprocess.Popen] = []
+        self.removed: list[subprocess.Popen] = []  # nodes taken away by remove_node
         self.port = free_port()
         self.dashboard_port: int | None = None
 
@@ -68,13 +69,39 @@ class LocalRayCluster:
         if dashboard:
             self._wait_http(f"{self.dashboard}/api/version", head)
 
-    def add_node(self, ip: str, num_cpus: int) -> None:
+    def add_node(self, ip: str, num_cpus: int) -> subprocess.Popen:
+        """Start a node on loopback address `ip` (127.0.0.2, 127.0.0.3, ...) and wait until it has
+        joined; returns its `ray start` process (what `remove_node` takes)."""
         # its own session folder, as a node on another machine has: nodes sharing one would clean up
         # each other's runtime-env files (a submitted job's working directory among them)
         temp = f"{self.tmp}n{len(self.procs)}"
         node = self._start([f"--address={self.address}", f"--node-ip-address={ip}", f"--num-cpus={num_cpus}",
                             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}"])
-        self.wait_nodes(len(self.procs), node)
+        node.temp_dir = temp  # type: ignore[attr-defined]
+        node.ip = ip  # type: ignore[attr-defined]
+        self._wait_started(node)
+        self.wait_nodes(len(self.procs) - len(self.removed), node)
+        return node
+
+    def remove_node(self, node: subprocess.Popen) -> None:
+        """Take a node away as a machine loss does: every process of it dies at once (SIGKILL to its
+        process group, then to any process that left the group but names its session folder), with
+        no goodbye to the head; Ray finds out by its own health checks."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        self._kill_naming(getattr(node, "temp_dir").encode(), exact=True)
+        node.wait()
+        self.removed.append(node)
+
+    def _wait_started(self, node: subprocess.Popen, timeout: float = 120) -> None:
+        # `ray start` prints this once the GCS lists the node's raylet (ray._private.node.Node)
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in Path(getattr(node, "log_path")).read_text(errors="replace"):
+            if node.poll() is not None:
+                raise RuntimeError(f"ray start exited with {node.returncode}:\n{self._tail(node)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the node did not join in {timeout} s:\n{self._tail(node)}")
+            time.sleep(0.2)
 
     def wait_nodes(self, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -83,10 +110,29 @@ class LocalRayCluster:
                 raise RuntimeError(f"ray start exited with {proc.returncode}:\n{self._tail(proc)}")
             status = subprocess.run([str(self.bin / "ray"), "status", f"--address={self.address}"],
                                     env=self.env, capture_output=True, text=True)
-            if status.returncode == 0 and status.stdout.count("node_") >= count:
+            # the "Active:" nodes only; a removed node stays among them until Ray notices its loss
+            # (~15 s of missed health checks), so add_node first waits for the node's own "started"
+            active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+            if status.returncode == 0 and active.count("node_") >= count:
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the Ray cluster did not reach {count} nodes")
+
+    @staticmethod
+    def _kill_naming(marker: bytes, *, exact: bool) -> None:
+        """SIGKILL every process whose command line names `marker` (a temp folder); `exact`: that
+        folder itself, not others it is a prefix of (node n1 is not node n12)."""
+        for proc_dir in Path("/proc").iterdir():
+            if not proc_dir.name.isdigit():
+                continue
+            try:
+                cmdline = (proc_dir / "cmdline").read_bytes()
+            except OSError:
+                continue
+            found = (marker + b"/" in cmdline or marker + b"\0" in cmdline) if exact else marker in cmdline
+            if found:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc_dir.name), signal.SIGKILL)
 
     @staticmethod
     def _tail(proc: subprocess.Popen) -> str:
@@ -116,17 +162,7 @@ class LocalRayCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         # processes that left their process group still name this cluster's temp dir
-        marker = self.tmp.encode()
-        for proc_dir in Path("/proc").iterdir():
-            if not proc_dir.name.isdigit():
-                continue
-            try:
-                cmdline = (proc_dir / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker in cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(proc_dir.name), signal.SIGKILL)
+        self._kill_naming(self.tmp.encode(), exact=False)
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -486,6 +486,8 @@ def make_examples_cmd(
                                num_workers=num_workers, console=err_console)
             except (InputError, ValueError) as err:
                 fail(f"{name}: {err}")
+            except DiskFullError as err:
+                fail(f"{name}: {err}", 1)
     finally:
         if started:
             ray.shutdown()

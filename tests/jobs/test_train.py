@@ -287,12 +287,16 @@ def _train_in_thread(**kwargs):
 
 
 def _train_worker_pids() -> list[int]:
+    """Ray Train workers of THIS test process's Ray (its raylet's children), not another session's."""
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or ()):
-            pids.append(proc.pid)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:  # gone meanwhile
+            continue
     return pids
 
 
