@@ -5,7 +5,10 @@ tags, dataset inputs, artifacts) and a background thread sends them in order thr
 `MlflowClient`. While the tracking server is unreachable the queue keeps growing, the thread retries
 with backoff, and the job is told once (a warning naming the server, without credentials); when the
 server answers again everything queued is sent, in order, once. `close(timeout)` waits for the queue
-to drain and says how much could not be sent.
+to drain and says how much could not be sent; while it waits, the thread retries every second rather
+than after its backoff (up to `retry_max_s`), so a server back within the timeout gets everything.
+A call whose answer was lost (the server went down mid-request) is sent again: metrics keep the
+timestamp they were recorded with, so MLflow's store recognises the repeat and keeps each one once.
 
 What is sent never carries secrets: URIs are shown without their user info (`redact_uri`), and a
 param or tag holding the value of a credential variable of the environment (AWS_*,
@@ -142,14 +145,19 @@ def flatten(doc: Any, prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Buffered, retried logging into one MLflow run (see the module docstring)."""
 
-    def __init__(self, target: TrackingTarget, run_id: str, *, retry_max_s: float = 30.0) -> None:
+    def __init__(self, target: TrackingTarget, run_id: str, *, retry_min_s: float = 1.0,
+                 retry_max_s: float = 30.0) -> None:
+        """`retry_min_s`: the wait after the first failed call, doubled after each further one up to
+        `retry_max_s` (until close(), which retries every second)."""
         self.target = target
         self.run_id = run_id
+        self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
         self._warned = False
+        self._closing = threading.Event()  # set by close(): retry at once and every second
         self._spool = Path(tempfile.mkdtemp(prefix="xsam-tracking-"))
         self.sent = 0
         self._thread = threading.Thread(target=self._run, name="xsam-mlflow", daemon=True)
@@ -241,12 +249,13 @@ class Tracker:
 
     def _run(self) -> None:
         client = client_for(self.target)
-        delay = 1.0
+        delay = self.retry_min_s
         while True:
             item = self._queue.get()
             if item is None:
                 return
             kind, payload = item
+            failed = False
             while True:
                 try:
                     self._send(client, kind, payload)
@@ -259,11 +268,15 @@ class Tracker:
                         self._warned = True
                         log.warning("MLflow tracking at %s is not answering (%s); the job goes on, its records "
                                     "are kept and sent when it answers", self.target.shown(), _short(exc))
-                    time.sleep(delay)
+                    failed = True
+                    if self._closing.is_set():
+                        time.sleep(1.0)
+                    else:
+                        self._closing.wait(delay)  # close() cuts a long backoff short
                     delay = min(delay * 2, self.retry_max_s)
-            if delay > 1.0:
+            if failed:
                 log.warning("MLflow tracking at %s answers again; sending what was kept", self.target.shown())
-                delay = 1.0
+                delay = self.retry_min_s
             with self._lock:
                 self._pending -= 1
                 self.sent += 1
@@ -271,6 +284,7 @@ class Tracker:
     def close(self, timeout: float = 60.0) -> int:
         """Wait up to `timeout` s for everything queued to be sent; returns how many calls were not."""
         deadline = time.monotonic() + timeout
+        self._closing.set()
         while self._pending and time.monotonic() < deadline:
             time.sleep(0.05)
         left = self._pending

@@ -66,3 +66,43 @@ def test_records_made_while_the_server_is_down_are_sent_once_when_it_is_back(mlf
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 6)]
     assert client.get_run(run_id).data.tags["xsam.checkpoint"] == "/runs/x/checkpoint_1"
+
+
+@pytest.mark.slow
+def test_close_delivers_once_to_a_server_back_within_its_timeout(mlflow_postgres, caplog) -> None:
+    """The job ends while the server is down and the sender is in a long backoff: close(timeout) cuts
+    the backoff short and retries every second, so everything queued (metrics and the run's end) is
+    sent, once, when the server is back within the timeout (it used to sleep through the timeout)."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    target = TrackingTarget(uri=mlflow_postgres.uri, experiment="outage-close")
+    run_id = start_run(target, run_name="outage-close", tags={})
+    tracker = Tracker(target, run_id, retry_min_s=3600.0, retry_max_s=3600.0)  # backoff past any timeout
+    tracker.log_metrics({"train/loss": 0.0}, step=0)
+    deadline = time.monotonic() + 60
+    while tracker.pending and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tracker.pending == 0
+    left: list[int] = []
+    closer = threading.Thread(target=lambda: left.append(tracker.close(timeout=300)), daemon=True)
+    mlflow_postgres.stop()
+    try:
+        with caplog.at_level(logging.WARNING, logger="xsam.tracking"):
+            for step in range(1, 4):
+                tracker.log_metrics({"train/loss": float(step)}, step=step)
+            tracker.terminate("FINISHED")
+            deadline = time.monotonic() + 60
+            while "is not answering" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "is not answering" in caplog.text  # the sender failed once and now waits an hour
+            closer.start()  # the job ends while the server is down
+    finally:
+        mlflow_postgres.start()
+    closer.join(timeout=400)
+    assert left == [0]
+    client = MlflowClient(tracking_uri=mlflow_postgres.uri)
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(4)]
+    assert client.get_run(run_id).info.status == "FINISHED"

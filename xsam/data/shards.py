@@ -11,14 +11,17 @@
 - Shards on S3 are downloaded into a bounded local cache (`ShardCache`: files named by their sha256,
   written to a temporary name and renamed, evicted least-recently-used past `max_bytes`), shared by
   all ranks and workers of the machine. The download is hashed as it streams; boto3 retries
-  throttling and dropped connections, and a download whose hash is wrong is retried once before
-  the shard is declared corrupt. Endpoint and credentials come from the standard AWS environment.
+  throttling and dropped connections, a download cut mid-body resumes where it stopped
+  (`xsam.data.storage`), and a download whose hash is wrong is retried once before the shard is
+  declared corrupt. A shard the manifest lists but the bucket lacks is a `ShardError` naming its
+  URI. Endpoint and credentials come from the standard AWS environment.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tarfile
 import uuid
@@ -33,6 +36,7 @@ from xsam.data.schema import Item, Record, ShardSample
 from xsam.data.storage import CHUNK, Storage, open_storage
 
 DEFAULT_CACHE_BYTES = 32 << 30
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -83,24 +87,44 @@ class ShardCache:
             return final
         self.root.mkdir(parents=True, exist_ok=True)
         self._evict(keep=size)
+        where = storage.describe(rel)
         for attempt in (1, 2):
             tmp = self.root / f".tmp-{sha256}-{uuid.uuid4().hex}"
             digest = hashlib.sha256()
             try:
-                with storage.open_read(rel) as stream, open(tmp, "wb") as out:
+                try:
+                    stream = storage.open_read(rel)
+                except FileNotFoundError:
+                    raise ShardError(
+                        f"shard {where} is missing; the manifest lists it."
+                        " Restore the dataset folder or re-run its conversion"
+                    ) from None
+                with stream, open(tmp, "wb") as out:
                     for block in iter(lambda: stream.read(CHUNK), b""):
                         digest.update(block)
                         out.write(block)
                 if digest.hexdigest() == sha256:
                     os.replace(tmp, final)
                     return final
+                problem = f"is corrupt: sha256 {digest.hexdigest()} != manifest {sha256}"
+            except ShardError:
+                raise
+            except Exception as exc:  # failed after the storage's own retries, or its transfer checksum
+                if attempt == 2:
+                    raise ShardError(
+                        f"shard {where} could not be downloaded intact (tried twice; last: {type(exc).__name__}:"
+                        f" {exc}). Check the storage endpoint, then re-run; re-upload the dataset folder if it persists"
+                    ) from exc
+                log.warning("downloading shard %s failed (%s: %s); downloading it again", where,
+                            type(exc).__name__, exc)
+                continue
             finally:
                 tmp.unlink(missing_ok=True)
             if attempt == 2:
                 raise ShardError(
-                    f"shard {storage.describe(rel)} is corrupt: sha256 {digest.hexdigest()} != manifest {sha256}"
-                    " (downloaded twice). Re-upload the dataset folder or re-run its conversion"
+                    f"shard {where} {problem} (downloaded twice). Re-upload the dataset folder or re-run its conversion"
                 )
+            log.warning("shard %s %s; downloading it again", where, problem)
         raise AssertionError("unreachable")
 
     def _evict(self, keep: int) -> None:
@@ -249,7 +273,11 @@ class ShardReader:
         """Per shard, (record key, items) in shard order, from index.parquet (read once, lazily:
         only sources whose records render several items, i.e. evaluation splits, need it)."""
         if self._items_by_shard is None:
-            self._items_by_shard = index_by_shard(self.storage, ["key", "items"])
+            try:
+                self._items_by_shard = index_by_shard(self.storage, ["key", "items"])
+            except Exception as exc:  # not a bad item: the loader must stop, not skip records
+                raise ShardError(f"cannot read {self.storage.describe(INDEX)} of source {self.source.name!r}:"
+                                 f" {type(exc).__name__}: {exc}") from exc
         return self._items_by_shard
 
     def read(self, k: int, key: str, ext: str) -> bytes:

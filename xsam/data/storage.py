@@ -8,20 +8,29 @@ sees a half-written shard, and `manifest.parquet` (written last) marks a complet
 S3 endpoint and credentials come only from the standard AWS environment (`AWS_ENDPOINT_URL_S3` or
 `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which
 boto3 reads itself: nothing secret ever passes through our arguments or logs.
+
+S3 failures: boto3 retries throttling, 5xx answers and dropped connections with backoff up to the
+answer's headers; a download cut mid-body (which boto3 does not retry) is resumed from the byte it
+stopped at with a Range request pinned to the object's ETag (`_ResumingBody`). A key that is not
+there is a `FileNotFoundError` naming its URI, as for a local file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
 
 CHUNK = 1 << 20
+STREAM_ATTEMPTS = 8  # reads of one download, each resuming where the last one was cut
+log = logging.getLogger(__name__)
 
 
 def sha256_file(fileobj: BinaryIO) -> str:
@@ -228,21 +237,29 @@ class S3Storage(Storage):
         local.unlink(missing_ok=True)
 
     def get_bytes(self, rel: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+        from botocore.exceptions import FlexibleChecksumError
+
+        for attempt in (1, 2):
+            try:
+                with self.open_read(rel) as stream:
+                    return stream.read()
+            except FlexibleChecksumError as err:  # damaged in transit: the whole body again, once
+                if attempt == 2:
+                    raise OSError(f"{self.describe(rel)} arrived damaged twice: {err}") from err
+                log.warning("%s arrived damaged (%s); reading it again", self.describe(rel), err)
+        raise AssertionError("unreachable")
 
     def open_read(self, rel: str) -> BinaryIO:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
+        return _ResumingBody(self.client, self.bucket, self._key(rel), self.describe(rel))  # type: ignore[return-value]
 
     def exists(self, rel: str) -> bool:
         return self.size(rel) is not None
 
     def size(self, rel: str) -> int | None:
-        from botocore.exceptions import ClientError
-
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self._key(rel))["ContentLength"])
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        except Exception as err:
+            if _missing(err):
                 return None
             raise
 
@@ -257,6 +274,89 @@ class S3Storage(Storage):
 
     def delete(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
+
+
+def _missing(err: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    code = err.response.get("Error", {}).get("Code") if isinstance(err, ClientError) else None
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+class _ResumingBody:
+    """An S3 object's body that survives a connection cut mid-body: the next read asks for the rest
+    (`Range: bytes=N-`, `If-Match: ETAG`, so a replaced object is an error rather than a splice),
+    up to STREAM_ATTEMPTS times with backoff. `read(n)` returns n bytes unless the object ends.
+
+    It replaces the `StreamingBody` that `get_object` returns, whose `with` block yields the raw
+    urllib3 stream: read through that, a body cut mid-way simply ended early, unnoticed."""
+
+    def __init__(self, client, bucket: str, key: str, where: str) -> None:  # noqa: ANN001 - a boto3 client
+        self.client, self.bucket, self.key, self.where = client, bucket, key, where
+        self.pos = 0  # bytes handed to the caller
+        self.size = 0  # the object's length, from the answer
+        self.etag: str | None = None
+        self._body = self._open()
+
+    def _open(self):  # noqa: ANN202
+        kwargs = {"Range": f"bytes={self.pos}-", "IfMatch": self.etag} if self.etag else {}
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key, **kwargs)
+        except Exception as err:
+            if _missing(err):
+                raise FileNotFoundError(f"{self.where} does not exist") from None
+            raise
+        self.etag = answer["ETag"]
+        self.size = self.pos + int(answer["ContentLength"])
+        return answer["Body"]
+
+    def _read_once(self, amt: int) -> bytes:
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        for attempt in range(1, STREAM_ATTEMPTS + 1):
+            try:
+                # botocore's own read (never the raw urllib3 stream its `with` hands out, which
+                # returns a cut body short without a word): it checks the length and any checksum
+                chunk = self._body.read(amt)
+                if not chunk and amt and self.pos < self.size:
+                    raise IncompleteReadError(actual_bytes=self.pos, expected_bytes=self.size)
+                return chunk
+            except (HTTPClientError, IncompleteReadError) as err:  # cut, reset or timed out mid-body
+                self._body.close()
+                if attempt == STREAM_ATTEMPTS:
+                    raise OSError(f"reading {self.where} failed {attempt} times at byte {self.pos}: {err}") from err
+                log.warning("reading %s was cut at byte %d (%s); asking for the rest", self.where, self.pos, err)
+                time.sleep(min(0.1 * 2**attempt, 5.0))
+                self._body = self._open()
+        raise AssertionError("unreachable")
+
+    def read(self, amt: int | None = -1) -> bytes:
+        if amt is None or amt < 0:
+            parts = []
+            while chunk := self._read_once(CHUNK):
+                parts.append(chunk)
+                self.pos += len(chunk)
+            return b"".join(parts)
+        out = bytearray()
+        while len(out) < amt:
+            chunk = self._read_once(amt - len(out))
+            if not chunk:
+                break
+            out += chunk
+            self.pos += len(chunk)
+        return bytes(out)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _ResumingBody:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_storage(url: str | Path) -> Storage:
