@@ -18,6 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Set before any benchmark imports ray or transformers: a single-machine Ray binds to loopback (read
+# when ray is imported) and reports no usage stats; nothing reaches the hub; tokenizers start no
+# thread pool of their own next to the loader's workers.
+for _name, _value in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                      ("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_name, _value)
+
 REPO = Path(__file__).resolve().parents[1]
 # The checkout first. tests/ is NOT put on sys.path: its `xsam/` test folder would shadow the
 # package as a namespace package; the builders are loaded from their file instead.

@@ -56,9 +56,6 @@ from common import (CORPORA, DOCS, ONE_RUN, busy_share, cpu_ticks, emit, load_bu
                     shown, work_folder, write_block)
 from common import machine as machine_facts
 
-# A single-machine Ray binds to loopback (read when ray is imported), and reports no usage stats.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
 

@@ -58,11 +58,6 @@ from common import (CORPORA, DOCS, ONE_RUN, REPO, Window, busy_share, cpu_ticks,
                     quick_note, shown, work_folder, write_block)
 from common import machine as machine_facts
 
-# A single-machine Ray binds to loopback (read when ray is imported), and reports no usage stats.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BEGIN, END = "<!-- bench:eval:begin -->", "<!-- bench:eval:end -->"
 SECTION = "# Benchmarks: evaluation"
@@ -667,7 +662,7 @@ def markdown(result: dict[str, Any]) -> str:
     scores = "; ".join(
         f"{k['benchmark']} " + ", ".join(f"{m_} {v:.1f}" for m_, v in sorted(k["jobs"][0]["scores"].items()))
         for k in result["kinds"] if k["jobs"])
-    lines += ["", f"Scores of the random model (the same in every configuration, checked): {scores}."]
+    lines += ["", f"Scores of the random model, in percent as `xsam eval` reports them (the same in every configuration, checked): {scores}."]
     return "\n".join(lines)
 
 

@@ -68,8 +68,6 @@ from common import (CORPORA, DOCS, ONE_RUN, busy_share, cpu_ticks, emit, load_bu
                     shown, work_folder, write_block)
 from common import machine as machine_facts
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BEGIN, END = "<!-- bench:loader:begin -->", "<!-- bench:loader:end -->"
 SECTION = "# Benchmarks: training data stream"

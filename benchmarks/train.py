@@ -51,11 +51,6 @@ from common import (DOCS, IMAGES, ONE_RUN, REPO, Window, busy_share, cpu_ticks, 
                     work_folder, write_block)
 from common import machine as machine_facts
 
-# A single-machine Ray binds to loopback (read when ray is imported), and reports no usage stats.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BEGIN, END = "<!-- bench:train:begin -->", "<!-- bench:train:end -->"
 SECTION = "# Benchmarks: training"
