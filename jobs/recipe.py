@@ -116,6 +116,9 @@ class CheckpointPart(_Strict):
 class MlflowPart(_Strict):
     experiment: str = "xsam"
     predictions_every_n_steps: int | None = Field(default=None, ge=1)
+    # how long the end of a run waits for records the tracking server has not taken yet (a server
+    # that is down when training ends); what is still unsent then is counted in a warning
+    flush_timeout_s: float = Field(default=300.0, ge=0)
 
 
 class Recipe(_Strict):

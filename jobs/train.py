@@ -524,7 +524,7 @@ def _worker(config: dict[str, Any]) -> None:
             if last:
                 break
     if tracker is not None:
-        tracker.close(timeout=60)
+        tracker.close(timeout=recipe.mlflow.flush_timeout_s)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -752,7 +752,7 @@ def run_training(recipe: Recipe, *, storage: str | Path, name: str | None = None
             with tempfile.TemporaryDirectory() as tmp:
                 tracker.log_artifact(loss_curve(steps, Path(tmp) / "loss.png", title=run_name))
         tracker.terminate("FINISHED")
-        tracker.close(timeout=60)
+        tracker.close(timeout=recipe.mlflow.flush_timeout_s)
     return TrainingResult(run_name=run_name, storage=store.url, checkpoint=checkpoint, steps=steps,
                           total_steps=plan.total_steps, mlflow_run_id=run_id,
                           tracking_uri=tracking.shown() if tracking else None)
