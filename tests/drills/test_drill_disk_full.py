@@ -207,6 +207,10 @@ def test_real_full_tmpfs_fails_clearly_and_resumes_after_space_is_freed(
     assert "Traceback" not in failed.stderr, failed.stderr
     assert not (out / MANIFEST).exists()
     assert len(_assert_final_shards_complete(out, reference)) < 4  # complete ones only, and not all
+    # no temporary file of a failed write is left holding the space the re-run needs
+    held = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
+            and (p.name.startswith(".tmp-") or p.name.endswith(".partial"))]
+    assert not held, held
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)  # space freed
     invoke_cli(*args)

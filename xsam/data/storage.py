@@ -123,11 +123,14 @@ class LocalStorage(Storage):
         final = self._path(rel)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp_for(final)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing holding the space
         self._fsync_dir(final.parent)
 
     def put_file(self, rel: str, local: Path) -> None:
@@ -139,10 +142,13 @@ class LocalStorage(Storage):
             os.replace(local, final)  # same file system: atomic rename
         except OSError:
             tmp = self._tmp_for(final)
-            shutil.copyfile(local, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            try:
+                shutil.copyfile(local, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
             local.unlink()
         self._fsync_dir(final.parent)
 
