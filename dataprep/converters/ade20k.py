@@ -89,6 +89,7 @@ from dataprep.converters.base import (
     InputFile,
     Plan,
     UpstreamRecord,
+    blamed_on,
     image_model,
     load_json_input,
     read_image,
@@ -614,8 +615,6 @@ def _primary(name: str) -> str:
 def _read_map(tree: Any, name: str, kind: str, options: ConvertOptions) -> tuple[bytes, Any]:
     """A semantic / instance PNG's bytes and pixels; a bad one is quarantined naming that file, not the
     record's image."""
-    try:
+    with blamed_on(name, f"{kind} PNG"):
         data = tree.read(name)
         return data, decode_png_array(data, max_pixels=options.max_pixels)
-    except RecordRejected as err:
-        raise RecordRejected(err.reason, f"{kind} PNG {name}: {err.message}", source_file=str(name)) from None

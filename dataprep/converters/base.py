@@ -16,6 +16,8 @@ import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -166,6 +168,16 @@ def image_model(data: bytes, info: ImageInfo, file_name: str, expect_hw: tuple[i
         height=info.height,
         file_name=file_name,
     )
+
+
+@contextmanager
+def blamed_on(name: str, what: str) -> Iterator[None]:
+    """A `RecordRejected` raised inside is about the file `name` (a mask, a label map), not the record's
+    image: its quarantine row names that file as `source_file` and its message starts with `WHAT NAME: `."""
+    try:
+        yield
+    except RecordRejected as err:
+        raise RecordRejected(err.reason, f"{what} {name}: {err.message}", source_file=str(name)) from None
 
 
 def estimate_bytes(tree: FileTree, name: str) -> int:

@@ -18,6 +18,7 @@ from dataprep.converters.base import (
     ConvertOptions,
     Plan,
     UpstreamRecord,
+    blamed_on,
     cached_tree,
     estimate_bytes,
 )
@@ -122,12 +123,9 @@ class CocoPanoptic(CocoJsonConverter):
         data, image = self._read_record_image(upstream, options)
         h, w = image.height, image.width
 
-        try:
+        with blamed_on(ann["file_name"], "panoptic PNG"):  # the mask is what is wrong, not the (good) image
             png = cached_tree(self.inputs["masks"], "--masks").read(ann["file_name"])
             ids = id_map_from_rgb(decode_png_array(png, max_pixels=options.max_pixels))
-        except RecordRejected as err:  # the mask is what is wrong: name it, not the (good) image
-            raise RecordRejected(err.reason, f"panoptic PNG {ann['file_name']}: {err.message}",
-                                 source_file=str(ann["file_name"])) from None
         if ids.shape != (h, w):
             raise RecordRejected(
                 "size_mismatch",
