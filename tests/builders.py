@@ -263,6 +263,22 @@ def build_task_world(corpora: Path, root: Path) -> dict[str, Path]:
     return out
 
 
+# The tiny stage-3 training runs of the tests: four of the task world's datasets as the recipe's
+# mixture (`--set data.mixture.sources=...`, relative to `data.root` = the world's folder).
+TASK_WORLD_SOURCES = ("[{name: llava, path: llava, repeat: sqrt}, {name: refcoco, path: refcoco, repeat: sqrt}, "
+                      "{name: reasonseg, path: reasonseg, repeat: sqrt}, {name: coco-vgd, path: coco-vgd, repeat: sqrt}]")
+# Two runs that must train alike (resumed, restarted, on other workers) match within this, relative and
+# per step; the measured differences are documented in docs/training.md.
+LOSS_TOLERANCE = 1e-5
+
+
+def max_relative_loss_difference(a: list[dict], b: list[dict]) -> float:
+    """The largest relative difference between two loss curves (steps.jsonl records), step by step."""
+    worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
+    print(f"max relative loss difference over {len(a)} steps: {worst:.2e}")  # shown with pytest -s
+    return worst
+
+
 def _corpus(name: str) -> str:
     from dataprep.examples import corpus_of
 

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 
 import pytest
+from builders import TASK_WORLD_SOURCES
 from conftest import REPO
 
 OUTAGE_S = 30.0
@@ -29,10 +30,9 @@ def _recipe(task_world, *overrides: str):
     from jobs.recipe import resolve_recipe
 
     root = task_world["llava"].parent
-    sources = ("[{name: llava, path: llava, repeat: sqrt}, {name: refcoco, path: refcoco, repeat: sqrt}, "
-               "{name: reasonseg, path: reasonseg, repeat: sqrt}, {name: coco-vgd, path: coco-vgd, repeat: sqrt}]")
     return resolve_recipe(REPO / "pipelines" / "recipes" / "tiny-stage3.yaml",
-                          [f"data.root={root}", f"data.mixture.sources={sources}", "data.num_workers=0", *overrides],
+                          [f"data.root={root}", f"data.mixture.sources={TASK_WORLD_SOURCES}", "data.num_workers=0",
+                           *overrides],
                           repo_root=REPO)
 
 

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
-from builders import build_panoptic, convert_local, dataset_files
+from builders import (LOSS_TOLERANCE, TASK_WORLD_SOURCES, build_panoptic, convert_local, dataset_files,
+                      max_relative_loss_difference)
 from conftest import REPO
 from raycluster import LocalRayCluster
 
@@ -42,11 +43,7 @@ pytestmark = pytest.mark.slow
 XSAM = str(Path(sys.executable).parent / "xsam")
 RECORDS = 8  # one unit each (--shard-max-samples 1): the loss comes after the first, with 7 to go
 
-# as tests/jobs/test_train.py: relative, per step (measured differences: docs/training.md)
-LOSS_TOLERANCE = 1e-5
 TOTAL_STEPS = 8  # a checkpoint every 2 steps: the node goes after the first, with 6 steps to go
-SOURCES = ("[{name: llava, path: llava, repeat: sqrt}, {name: refcoco, path: refcoco, repeat: sqrt}, "
-           "{name: reasonseg, path: reasonseg, repeat: sqrt}, {name: coco-vgd, path: coco-vgd, repeat: sqrt}]")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +134,7 @@ def _train_args(task_world, storage: Path, name: str, address: str, *extra: str)
     """The tiny stage-3 recipe of tests/jobs/test_train.py over the session's example datasets, two
     workers, no MLflow (the MLflow drill is elsewhere)."""
     return ["train", str(REPO / "pipelines/recipes/tiny-stage3.yaml"), "--set", f"data.root={task_world['llava'].parent}",
-            "--set", f"data.mixture.sources={SOURCES}", "--set", "data.num_workers=0",
+            "--set", f"data.mixture.sources={TASK_WORLD_SOURCES}", "--set", "data.num_workers=0",
             "--set", f"train.max_steps={TOTAL_STEPS}", "--set", "checkpoint.every_n_steps=2",
             "--set", "checkpoint.keep_last=2", "--num-workers", "2", "--no-tracking", "--storage", str(storage),
             "--name", name, "--address", address, "--result-json", str(storage / f"{name}.json"), *extra]
@@ -159,12 +156,6 @@ def _registered_checkpoint(run: Path) -> str | None:
     except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
         return None
     return latest["checkpoint_dir_name"] if latest else None
-
-
-def _max_relative_difference(a: list[dict], b: list[dict]) -> float:
-    worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
-    print(f"max relative loss difference over {len(a)} steps: {worst:.2e}")  # shown with pytest -s
-    return worst
 
 
 @pytest.mark.timeout(1500)  # two tiny trainings and a node loss on a 2-core box
@@ -210,4 +201,4 @@ def test_node_lost_mid_training_resumes_with_the_same_losses(cluster, task_world
     assert getattr(replacement, "ip") in trainer["nodes"] and lost_ip not in trainer["nodes"], trainer["nodes"]
     assert [s["step"] for s in steps] == list(range(1, TOTAL_STEPS + 1))  # every step once
     assert all(math.isfinite(s["loss"]) for s in steps)
-    assert _max_relative_difference(clean, steps) <= LOSS_TOLERANCE
+    assert max_relative_loss_difference(clean, steps) <= LOSS_TOLERANCE

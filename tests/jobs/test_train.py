@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from builders import LOSS_TOLERANCE, TASK_WORLD_SOURCES, max_relative_loss_difference
 from conftest import REPO, run_cli
 
 from jobs.recipe import RecipeError, deepspeed_config, resolve_recipe
@@ -98,13 +99,10 @@ def test_lr_schedule_shapes() -> None:
 def _tiny_world_recipe(task_world, *overrides: str):
     """tiny-stage3 over the session's example datasets instead of data/quickstart."""
     root = task_world["llava"].parent
-    sources = ("[{name: llava, path: llava, repeat: sqrt}, {name: refcoco, path: refcoco, repeat: sqrt}, "
-               "{name: reasonseg, path: reasonseg, repeat: sqrt}, {name: coco-vgd, path: coco-vgd, repeat: sqrt}]")
-    return _recipe("tiny-stage3", f"data.root={root}", f"data.mixture.sources={sources}", "data.num_workers=0",
+    return _recipe("tiny-stage3", f"data.root={root}", f"data.mixture.sources={TASK_WORLD_SOURCES}", "data.num_workers=0",
                    *overrides)
 
 
-LOSS_TOLERANCE = 1e-5  # relative, per step; measured differences are documented in docs/training.md
 REFERENCE = ("train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
              "mlflow.predictions_every_n_steps=2")
 
@@ -261,12 +259,6 @@ def test_zero3_run_initialised_from_parents_on_s3_and_in_mlflow(reference, task_
         run_training(missing, storage=tmp_path / "runs", name="no-parent", world_size=2)
 
 
-def _max_relative_difference(a: list[dict], b: list[dict]) -> float:
-    worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
-    print(f"max relative loss difference over {len(a)} steps: {worst:.2e}")  # shown with pytest -s
-    return worst
-
-
 def _train_in_thread(**kwargs):
     """run_training in a thread: (thread, box) where box gets 'result' or 'error'."""
     import threading
@@ -326,7 +318,7 @@ def test_worker_killed_mid_run_recovers_with_the_same_losses(reference, tmp_path
     recovered = box["result"]
     clean = reference["result"]
     assert [s["step"] for s in recovered.steps] == [1, 2, 3, 4]
-    assert _max_relative_difference(clean.steps, recovered.steps) <= LOSS_TOLERANCE
+    assert max_relative_loss_difference(clean.steps, recovered.steps) <= LOSS_TOLERANCE
 
 
 @pytest.mark.slow
@@ -347,7 +339,7 @@ def test_resume_from_a_checkpoint_path_on_another_worker_count(reference, tmp_pa
     same = run_training(recipe, storage=tmp_path, name="from-step2", world_size=2, resume=reference["step2"],
                         tracking=tracking)
     assert [s["step"] for s in same.steps] == [1, 2, 3, 4]
-    assert _max_relative_difference(full.steps, same.steps) <= LOSS_TOLERANCE
+    assert max_relative_loss_difference(full.steps, same.steps) <= LOSS_TOLERANCE
     # --resume MLFLOW_RUN_ID continues that run in place (its storage and name from the run's tags)
     longer = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 5})})
     more = run_training(longer, storage=tmp_path / "elsewhere", world_size=2, resume=same.mlflow_run_id,
@@ -360,5 +352,5 @@ def test_resume_from_a_checkpoint_path_on_another_worker_count(reference, tmp_pa
     assert sorted(m.step for m in history) == [3, 4, 5]  # steps 1-2 belong to the reference's run
     one = run_training(recipe, storage=tmp_path, name="on-one-worker", world_size=1, resume=reference["step2"])
     assert [s["step"] for s in one.steps] == [1, 2, 3, 4]
-    assert _max_relative_difference(full.steps, one.steps) <= 1e-4
+    assert max_relative_loss_difference(full.steps, one.steps) <= 1e-4
     assert [s["lr"] for s in one.steps] == pytest.approx([s["lr"] for s in full.steps], rel=1e-9)

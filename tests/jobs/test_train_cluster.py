@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from builders import TASK_WORLD_SOURCES
 from conftest import REPO, run_cli
 from raycluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 
-SOURCES = ("[{name: llava, path: llava, repeat: sqrt}, {name: refcoco, path: refcoco, repeat: sqrt}, "
-           "{name: reasonseg, path: reasonseg, repeat: sqrt}, {name: coco-vgd, path: coco-vgd, repeat: sqrt}]")
 
 
 @pytest.fixture()
@@ -25,7 +24,7 @@ def cluster(s3_server):
 
 def _args(task_world, *extra: str) -> list[str]:
     return ["train", str(REPO / "pipelines/recipes/tiny-stage3.yaml"), "--set", f"data.root={task_world['llava'].parent}",
-            "--set", f"data.mixture.sources={SOURCES}", "--set", "data.num_workers=0", "--set", "train.max_steps=2",
+            "--set", f"data.mixture.sources={TASK_WORLD_SOURCES}", "--set", "data.num_workers=0", "--set", "train.max_steps=2",
             "--set", "checkpoint.every_n_steps=1", "--num-workers", "2", *extra]
 
 
