@@ -299,6 +299,9 @@ def summary_rows(results: dict[str, dict[str, Any] | None]) -> list[str]:
             rows.append(_row("conversion", f"convert / Ray copy, {r['case']}, {r['workers']} worker"
                              f"{'s' if r['workers'] > 1 else ''}", f"{r['ratio']:.3f} "
                              f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f})", ">= 0.5", c, sec))
+        for r in (r for r in c["rows"] if r["workers"] == 0 and r["verify"] == "structural" and r.get("bound_ratio")):
+            rows.append(_row("conversion", f"mandated-work bound / copy (CPU time), {r['case']}",
+                             f"{r['bound_ratio']:.3f}", "the most convert / copy can reach", c, sec))
     else:
         rows.append(_row("conversion", "convert / Ray copy", "not run", ">= 0.5", None, sec))
     ld = results.get("loader")
