@@ -31,7 +31,8 @@ REASONS: dict[str, str] = {
     "unlisted_segment": "a panoptic PNG holds a segment id that segments_info does not list",
     "orphan_annotation": "an annotation points at an image id that the image list lacks",
     "text_only": "a conversation without an image (LLaVA text-only): X-SAM trains on image conversations only",
-    "upstream_filter": "dropped by a rule of the upstream loader (GCG: overlapping phrase spans, caption under 3 words, phrase not in caption)",
+    "crowd_region": "a visual prompt on a crowd annotation: crowd regions are the record's ignore mask, never a prompted target",
+    "upstream_filter": "dropped by a rule of the upstream loader or release (GCG: overlapping phrase spans, caption under 3 words, phrase not in caption; gRefCOCO: a ref without sentences)",
 }
 
 LEVELS = ("record", "part")

@@ -108,6 +108,16 @@ def _segmentation_rle(seg: Any, height: int, width: int) -> tuple[RLE | None, st
     """`polygon_or_rle` before its no-pixel check: (RLE, reason, message if it covers no pixel) or
     (None, reason, message)."""
     if isinstance(seg, list):
+        if seg and all(isinstance(piece, dict) for piece in seg):
+            # one object given as several RLE pieces (gRefCOCO's instances.json: its reference loader
+            # and LISA sum the decoded pieces into one binary mask): their union
+            pieces = []
+            for i, piece in enumerate(seg):
+                rle, reason, message = _segmentation_rle(piece, height, width)
+                if rle is None:
+                    return None, reason, f"RLE piece {i} of {len(seg)}: {message}"
+                pieces.append(rle)
+            return masks.union(pieces, height, width), *_EMPTY_RLE
         if not seg or not all(isinstance(poly, list) for poly in seg):
             return None, "degenerate_polygon", "segmentation is an empty or malformed polygon list"
         for poly in seg:

@@ -12,7 +12,10 @@ discs of radius 10 and scribbles with radius 5 when loading; PSALM's evaluation 
 
 Record layout (one record per image, key `coco-interactive-<split>-<image id>`, split from the file
 name, e.g. `coco_interactive_val_psalm.json` -> `val`):
-- segments: every annotation (crowd ones `iscrowd=True`, OR-ed into `ignore`, and given no prompt);
+- segments: every annotation (crowd ones `iscrowd=True`, OR-ed into `ignore`, and given no prompt:
+  the prompts PSALM's builder writes on crowd annotations become part-level `crowd_region` rows.
+  X-SAM's intseg loader keeps them, so its evaluation holds one item per prompted crowd annotation
+  more than ours; COCO marks about 1% of its instances crowd);
 - visual_prompts: per non-crowd annotation (id order) and kind (point, scribble, box, mask) present
   upstream: `VisualPrompt(kind, rle=<upstream RLE, counts string unchanged>, segment_ids=[ann id])`,
   with `geometry={"dilate_radius": 10}` (point) / `{"dilate_radius": 5}` (scribble) telling
@@ -102,9 +105,16 @@ class CocoInteractive(CocoVgd):
         }
         prompts: list[VisualPrompt] = []
         for seg in segments:
-            if seg.iscrowd:
-                continue
             ann = raw[seg.id]
+            if seg.iscrowd:  # its region is ignored by losses and metrics: not a target to prompt for
+                parts.extend(
+                    self._part(upstream, f"{seg.id}:{kind}", "crowd_region",
+                               f"{kind} prompt on crowd annotation {seg.id}: crowd regions are the record's "
+                               "ignore mask, never a target")
+                    for key, kind in PROMPT_KEYS.items()
+                    if kind in kinds and ann.get(key) is not None
+                )
+                continue
             for key, kind in PROMPT_KEYS.items():
                 if kind not in kinds or ann.get(key) is None:
                     continue

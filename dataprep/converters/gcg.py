@@ -45,7 +45,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from dataprep.converters.base import (
     Converted,
@@ -442,27 +441,15 @@ def _hw(entry: dict[str, Any]) -> list[int] | None:
 
 
 def _union(segmentation: Any, h: int, w: int) -> tuple[RLE | None, str | None, str]:
-    """X-SAM `decode_mask`: one RLE, a list of RLEs or a list of polygons -> their union."""
-    if isinstance(segmentation, dict):
-        return polygon_or_rle(segmentation, h, w)
-    if not isinstance(segmentation, list) or not segmentation:
+    """X-SAM `decode_mask`: one RLE, a list of RLEs or a list of polygons -> their union
+    (`polygon_or_rle` does each; a list mixing RLEs and polygons is refused)."""
+    if isinstance(segmentation, list) and segmentation:
+        kinds = {type(s) for s in segmentation}
+        if kinds not in ({list}, {dict}):
+            return None, "invalid_annotation", f"mixed segmentation list: {str(segmentation)[:120]}"
+    elif not isinstance(segmentation, dict):
         return None, "invalid_annotation", f"segmentation is neither RLE(s) nor polygons: {str(segmentation)[:120]}"
-    if all(isinstance(s, list) for s in segmentation):  # polygons: the rasterisation of their union
-        return polygon_or_rle(segmentation, h, w)
-    parts = []
-    for seg in segmentation:
-        if not isinstance(seg, dict):
-            return None, "invalid_annotation", f"mixed segmentation list: {str(seg)[:120]}"
-        rle, reason, message = polygon_or_rle(seg, h, w)
-        if rle is None:
-            return None, reason, message
-        parts.append(rle)
-    if len(parts) == 1:
-        return parts[0], None, ""
-    merged = np.zeros((h, w), dtype=bool)
-    for rle in parts:
-        merged |= masks.decode(rle)
-    return masks.encode(merged), None, ""
+    return polygon_or_rle(segmentation, h, w)
 
 
 CONVERTER_CLASSES = (Gcg,)

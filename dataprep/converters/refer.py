@@ -9,9 +9,15 @@ polygon segmentation, `categories`) and a refs file:
   raw, tokens}]}`. It is read by `dataprep.safe_pickle` (no global is ever imported, latin-1 str),
   never by `pickle.load`. The file name tells the partition (`unc`, `umd`, `google`), recorded as
   the dataset parameter `partition`.
-- `grefs(unc).json` (gRefCOCO; X-SAM's pickled `grefs(unc).p` is read the same safe way): refs
-  whose `ann_id` is a LIST of targets; a no-target expression has `ann_id: [-1]` and/or
-  `no_target: true`.
+- `grefs(unc).json` (gRefCOCO; X-SAM's pickled copy, `grefcoco/refs(unc).p` from the Hugging Face
+  dataset `gRefCOCO/gRefCOCO`, is read the same safe way): refs whose `ann_id` is a LIST of targets;
+  a no-target expression has `ann_id: [-1]` and/or `no_target: true`. Checked against a real record
+  (ref 135 of the val split, pasted in henghuiding/gRefCOCO issue #12): `ann_id: [-1]`,
+  `category_id: [-1]`, `no_target: true`, `sent_ids`, `sentences[{raw, sent, sent_id, tokens}]`.
+  The release also holds refs with no sentence (gRefCOCO issues #3 and #8; its maintainers say to
+  skip them): they are dropped as part-level `upstream_filter` rows. An annotation whose
+  `segmentation` is a list of RLE pieces is their union (as gRefCOCO's reference loader and LISA
+  read it).
 
 Record layout: ONE record per (image, split), key `make_key(KEY, split, image_id)` with KEY =
 `refcoco`, `refcocop` (RefCOCO+: `+` is not a key character, and `make_key` would turn it into
@@ -23,8 +29,10 @@ kept as written in `Source.split` (the key lowercases it).
   RLE kept losslessly), upstream `bbox`/`area`; `phrase_index` is None (an object has several
   sentences: the relation is `meta["phrase_segments"]`).
 - `phrases`: every sentence (`sent`, REFER's normalised text) of every ref of the image and
-  split, refs in upstream file order and sentences in ref order. NOT deduplicated: upstream
-  evaluates every sentence id, duplicates included, so the evaluation items match upstream counts.
+  split, refs in upstream file order and sentences in ref order. NOT deduplicated: the REFER and
+  gRefCOCO (ReLA) evaluations score every sentence id, duplicates included, so the evaluation items
+  match their counts. (X-SAM's own gRefCOCO evaluation drops no-target refs and duplicate sentences
+  per ref; ours keeps both, so N-acc can be reported.)
 - `meta["phrase_segments"]`: per phrase, the indices of the segments it refers to (`[]` for a
   gRefCOCO no-target expression, which is KEPT; the renderer answers it with
   `refseg.grefseg_no_target`); `meta["sent_ids"]` and `meta["ref_ids"]`: the upstream sentence and
@@ -221,8 +229,8 @@ class _Refer(Converter):
             for part, message in bad_sents:
                 bad("invalid_annotation", message, part)
             if not sentences:
-                if not bad_sents:
-                    bad("invalid_annotation", f"ref {ref_id} has no sentences")
+                if not bad_sents:  # released as such (gRefCOCO val); its maintainers say to skip them
+                    bad("upstream_filter", f"ref {ref_id} has no sentences (an empty upstream ref: skipped)")
                 continue
             unit["refs"].append({"ref_id": ref_id, "targets": targets, "sentences": sentences})
 
@@ -374,7 +382,7 @@ class GRefCoco(_Refer):
     generalized = True
     required_inputs = {
         **_Refer.required_inputs,
-        "refs": "gRefCOCO refs: 'grefs(unc).json' (or X-SAM's pickled 'grefs(unc).p', read safely)",
+        "refs": "gRefCOCO refs: 'grefs(unc).json' (or X-SAM's pickled 'refs(unc).p' of gRefCOCO, read safely)",
     }
     example = (
         "xsam data convert grefcoco --out data/grefcoco --refs 'grefcoco/grefs(unc).json' "

@@ -3,10 +3,11 @@
 `build(corpora, out)` writes `out/coco_int/annotations/coco_interactive_val_psalm.json` and
 `out/coco_int/val2017/` (real image bytes copied) for COCO val2017 images 39769 (real polygons,
 corpora/coco_instances_polygons) and 439180 (real RLE incl. 2 crowds, corpora/coco_instances).
-Each non-crowd annotation gets the four prompt masks, DERIVED from its real instance mask:
+Every annotation, crowd ones included (as PSALM's builder script writes them), gets the four prompt
+masks, DERIVED from its real instance mask:
 point = disc of radius 10 at the mask's centroid pixel (the mask pixel nearest the centroid),
 scribble = the 1-px horizontal line of mask pixels on that pixel's row, box = the filled bbox
-rectangle of the mask, mask = the mask; all as compressed RLE. Crowd annotations carry no prompt.
+rectangle of the mask, mask = the mask; all as compressed RLE.
 """
 
 from __future__ import annotations
@@ -88,8 +89,7 @@ def build(corpora: Path, out: Path) -> dict[str, dict[str, str]]:
                 k: a[k]
                 for k in ("id", "category_id", "bbox", "iscrowd", "segmentation")
             }
-            if not a["iscrowd"]:
-                entry.update(derived_prompts(instance_mask(a["segmentation"], h, w)))
+            entry.update(derived_prompts(instance_mask(a["segmentation"], h, w)))
             anns.append(entry)
         info = {"id": image_id, "file_name": img["file_name"], "height": h, "width": w}
         records.append({"image": img["file_name"], "image_info": info, "anns": anns})

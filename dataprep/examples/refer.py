@@ -188,7 +188,8 @@ def _refs(table: list[tuple[str, Any, list[str]]], anns: dict[int, dict[str, Any
             ref["ann_id"] = ids
             ref["category_id"] = [anns[a]["category_id"] for a in real] if real else [-1]
             ref["no_target"] = not real
-            ref["file_name"] = f"{stem}_{'_'.join(str(a) for a in ids)}.{ext}"
+            # as in the release: no suffix on a no-target ref, one number on the others
+            ref["file_name"] = f"{stem}_{real[0]}.{ext}" if real else f"{stem}.{ext}"
         else:
             ref["ann_id"] = ann
             ref["category_id"] = anns[ann]["category_id"]

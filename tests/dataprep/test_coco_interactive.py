@@ -59,6 +59,8 @@ def test_records_and_prompts(converted):
     assert totals["records_read"] == totals["samples"] + totals["quarantined"] == 2
     upstream = json.loads(Path(inputs["annotations"]).read_text())
     samples = read_samples(out)
+    quarantine = read_parquet(open_storage(out), QUARANTINE)
+    assert {r["reason"] for r in quarantine} == {"crowd_region"} and all(r["level"] == "part" for r in quarantine)
     assert sorted(samples) == [
         "coco-interactive-val-000000039769",
         "coco-interactive-val-000000439180",
@@ -79,7 +81,12 @@ def test_records_and_prompts(converted):
         if crowd:
             want = np.any([ref_mask(a["segmentation"], h, w) for a in crowd], axis=0)
             assert np.array_equal(masks.decode(record.ignore), want)
-        # every prompt of every non-crowd instance, RLE counts byte-equal to upstream
+        # every prompt of every non-crowd instance, RLE counts byte-equal to upstream; the prompts
+        # on crowd instances are parts of the quarantine (crowd_region), not dropped unseen
+        assert sorted(
+            (r["record_id"], r["part_id"]) for r in quarantine if r["reason"] == "crowd_region"
+            and r["record_id"] == str(info["id"])
+        ) == sorted((str(info["id"]), f"{a['id']}:{kind}") for a in crowd for kind in vprompts.KINDS)
         want_prompts = [
             (a["id"], kind, a[f"{kind}_visual_prompt_mask"]["counts"])
             for a in sorted(anns.values(), key=lambda a: a["id"])
@@ -155,10 +162,17 @@ def test_quarantine_and_flavor(converted, tmp_path):
         (r["level"], r["reason"], r["part_id"])
         for r in read_parquet(open_storage(out), QUARANTINE)
     )
-    assert rows == [
+    # the example gives crowd annotations prompts too (as PSALM's builder does): with --flavor box
+    # each crowd annotation's box prompt is one crowd_region row, on both images
+    crowd = sorted(
+        f"{a['id']}:box" for rec in doc for a in rec["anns"] if a["iscrowd"] and "box_visual_prompt_mask" in a
+    )
+    assert len(crowd) == 2
+    assert rows == sorted([
         ("part", "empty_mask", f"{anns[0]['id']}:box"),
         ("part", "size_mismatch", f"{anns[1]['id']}:box"),
         ("record", "missing_annotation", ""),
-    ]
+        *(("part", "crowd_region", c) for c in crowd),
+    ])
     for sample in read_samples(out).values():
         assert {vp.kind for vp in sample.record.visual_prompts} == {"box"}

@@ -214,12 +214,61 @@ def test_grefcoco_targets(grefcoco, examples):
 
 def test_grefcoco_pickled_variant(examples, tmp_path):
     refs = json.loads(Path(examples["grefcoco"]["refs"]).read_bytes())
-    path = tmp_path / "grefs(unc).p"
+    path = tmp_path / "refs(unc).p"  # X-SAM's name for its pickled copy (grefcoco/refs(unc).p)
     path.write_bytes(py2_pickle(refs))
     inputs = {**examples["grefcoco"], "refs": str(path)}
     plan = get_converter("grefcoco")(**inputs).plan()
     json_plan = get_converter("grefcoco")(**examples["grefcoco"]).plan()
     assert [r.payload for r in plan.records] == [r.payload for r in json_plan.records]
+
+
+def test_grefcoco_real_release_quirks(examples, ray_session, tmp_path):
+    """What the real gRefCOCO release holds beside the usual: a no-target ref exactly as one is
+    printed from grefs(unc).json (ref 135, henghuiding/gRefCOCO issue #12, its image and sentence
+    moved onto our example), refs without sentences (issues #3, #8: "skip them"), and an annotation
+    whose segmentation is a list of RLE pieces (its reference loader sums the pieces)."""
+    src = examples["grefcoco"]
+    refs = json.loads(Path(src["refs"]).read_bytes())
+    inst = json.loads(Path(src["instances"]).read_bytes())
+    val = [r for r in refs if r["split"] == "val"]
+    image_id = val[0]["image_id"]
+    real = {"ann_id": [-1], "category_id": [-1], "file_name": f"COCO_train2014_{image_id:012d}.jpg",
+            "image_id": image_id, "no_target": True, "ref_id": 135, "sent_ids": [400],
+            "sentences": [{"raw": "the b;ack keyboard in front of the computer on the table",
+                           "sent": "the b;ack keyboard in front of the computer on the table", "sent_id": 400,
+                           "tokens": ["the", "b;ack", "keyboard", "in", "front", "of", "the", "computer", "on",
+                                      "the", "table"]}], "split": "val"}
+    refs.append(real)
+    refs.append({**val[0], "ref_id": 136, "sent_ids": [], "sentences": []})
+    # split one target annotation's mask into two RLE pieces (left and right half of its pixels)
+    target = next(a for a in val[0]["ann_id"] if a != -1)
+    ann = next(a for a in inst["annotations"] if a["id"] == target)
+    whole = reference_masks(src["instances"])[target]
+    cols = np.flatnonzero(whole.any(axis=0))
+    middle = int(cols[len(cols) // 2])
+    left, right = whole.copy(), whole.copy()
+    left[:, middle:] = False
+    right[:, :middle] = False
+    assert left.any() and right.any()
+    ann["segmentation"] = [masks.to_coco(masks.encode(left)), masks.to_coco(masks.encode(right))]
+    for piece in ann["segmentation"]:
+        piece["counts"] = piece["counts"].decode("ascii") if isinstance(piece["counts"], bytes) else piece["counts"]
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "grefs(unc).json").write_text(json.dumps(refs))
+    (d / "instances.json").write_text(json.dumps(inst))
+    out = tmp_path / "out"
+    meta = convert("grefcoco", out, {**src, "refs": str(d / "grefs(unc).json"), "instances": str(d / "instances.json")})
+    totals = meta["totals"]
+    assert totals["records_read"] == totals["samples"] + totals["quarantined"] and totals["quarantined"] == 0
+    rows = read_parquet(open_storage(out), QUARANTINE)
+    assert [(r["level"], r["reason"], r["part_id"]) for r in rows] == [("part", "upstream_filter", "ref:136")]
+    record = read_samples(out)[f"grefcoco-val-{image_id:012d}"].record
+    i = record.phrases.index("the b;ack keyboard in front of the computer on the table")
+    assert record.meta["phrase_segments"][i] == [] and record.meta["ref_ids"][i] == 135
+    (seg,) = [s for s in record.segments if s.id == target]
+    assert np.array_equal(masks.decode(seg.rle), whole)  # the union of the pieces, pixel-exact
+    assert lint_dataset(open_storage(out)).ok
 
 
 # ---- quarantine ------------------------------------------------------------------------------------
@@ -232,7 +281,7 @@ def test_quarantine(examples, ray_session, tmp_path):
     # 1. a ref naming an annotation that instances.json lacks -> part orphan_annotation
     refs.append({**refs[0], "ref_id": 100, "ann_id": 999999999})
     # 2. every ref of (image 39769, testB) points at an image... that exists, but its only ref is
-    #    malformed (no sentences) -> record-level invalid_annotation
+    #    an empty ref (no sentences, as gRefCOCO releases some) -> record-level upstream_filter
     refs.append({**refs[0], "ref_id": 101, "split": "testB", "sentences": []})
     # 3. refs on an image missing from instances.json -> record-level orphan_annotation
     refs.append({**refs[0], "ref_id": 102, "image_id": 123456})
@@ -258,7 +307,7 @@ def test_quarantine(examples, ray_session, tmp_path):
         ("part", "refcoco-train-000000039769", "orphan_annotation", "ref:100"),
         ("part", "refcoco-val-000000039769", "degenerate_polygon", "ann:1108446"),
         ("part", "refcoco-val-000000039769", "degenerate_polygon", "ref:3"),
-        ("record", "refcoco-testb-000000039769", "invalid_annotation", ""),
+        ("record", "refcoco-testb-000000039769", "upstream_filter", ""),
         ("record", "refcoco-train-000000123456", "orphan_annotation", ""),
     ]
     val = read_samples(out)["refcoco-val-000000039769"].record
