@@ -29,23 +29,40 @@ So a target pixel covered by a smaller ignore shape is ignore, and an ignore pix
 smaller target shape is target.
 
 The rasteriser (`polygon_raster`) re-implements, in numpy without OpenCV, what OpenCV's
-`fillPoly`/`polylines` do for one contour with `lineType=LINE_8`, `shift=0`:
-- every edge v[i-1] -> v[i] is drawn with OpenCV's 8-connected `LineIterator` Bresenham walk
-  (started at the left end point, `err = dx - 2 dy`, minor step while `err < 0`), after clipping the
-  segment to the image with `clipLine`'s rule; `polylines` draws exactly these lines again;
-- the interior is OpenCV's `FillEdgeCollection` scan conversion: non-horizontal edges in 16.16
-  fixed point (`dx = ((x1 - x0) << 16) / (y1 - y0)` truncated toward zero; an edge leaving the
-  image takes its slope from the clipped segment), each active on rows `y0 <= y < y1` with
-  `x = x_top + (y - y0) dx`; per row the active x are sorted and paired, and pixels
-  `ceil(x_a) .. floor(x_b)` are filled; nothing is filled with fewer than two non-horizontal edges.
-Exactness: checked against real `cv2.polylines` + `cv2.fillPoly` (opencv-python-headless 5.0.0, in a
-throwaway environment, not a dependency) on 606 polygons: pixel-equal on every polygon inside the
-image (372 random ones and the 6 real COCO polygons of image 39769), and on 223 of 234 random
-polygons crossing the image border; 11 border-crossing ones differ by 1-34 pixels along the border
-(OpenCV's handling of clipped edges is not fully reproduced). LabelMe polygons are drawn inside the
-image, so this should not matter in practice, but it is not proven for every input. The tests compare
-against PIL's `ImageDraw.polygon(outline=...)`, an independent rasteriser whose boundary rule
-differs: they agree except on pixels next to the outline.
+`fillPoly`/`polylines` do for one contour with `lineType=LINE_8`, `shift=0` (rules read from
+OpenCV's `imgproc/src/drawing.cpp`: `clipLine`, `LineIterator`, `CollectPolyEdges`,
+`FillEdgeCollection`):
+- an edge v[i-1] -> v[i] with an end point outside the image is clipped first (`clipLine`, one
+  pass: end points with y outside move to y = 0 or h-1, then those with x outside to x = 0 or w-1,
+  each intercept computed in double and truncated, the second end point moved along the line
+  through the already moved first one); a segment that misses the image is not drawn, but the end
+  points moved so far are kept for the fill;
+- the (clipped) edge is drawn with OpenCV's 8-connected `LineIterator` Bresenham walk, started at
+  the left end point (`err = dx - 2 dy`, minor step while `err < 0`; evaluated in closed form);
+  `polylines` draws exactly these lines again;
+- the interior is `FillEdgeCollection`'s scan conversion: each non-horizontal edge is active on its
+  own rows `y0 <= y < y1` (of the unclipped vertices) with x in 16.16 fixed point,
+  `x = x_ref + (y - y_ref) dx`, `dx = ((xb - xa) << 16) / (yb - ya)` truncated toward zero. For an
+  edge inside the image (xa, ya), (xb, yb) are its vertices; otherwise x comes from the clipped end
+  points and y too, unless clipping left them on one row (then the vertices' y): the clipped
+  slope, extrapolated to the edge's whole row range. Per row the active x are sorted and paired,
+  and pixels `ceil(x_a) .. floor(x_b)` are filled, clipped to the image.
+Exactness: pixel-equal to real `cv2.polylines` + `cv2.fillPoly` (opencv-python-headless 5.0.0.93,
+in a throwaway environment, not a dependency) on every one of 64,000 random polygons (3-12
+vertices, 4,000 of them 3-200; convex, non-convex, self-intersecting; vertices inside, just
+outside, on the lines x = -1, 0, w-1, w / y likewise, up to 10^6 px away; collinear, repeated
+points, horizontal edges; images 1x1 to 500x500; most of them cross the border), on 30 more with
+vertices at up to +-(2^31 - 1), and on the 6 real COCO polygons of image 39769. The tests replay
+337 such polygons (307 crossing the border) from masks real OpenCV wrote
+(`tests/dataprep/data/opencv_polygons.json`, with the script that regenerates it). OpenCV 4.11,
+4.12 and 4.14 draw the same masks as 5.0.0 on that file; 4.8 and 4.10 (LISA pins opencv-python
+4.8.0.74) follow an older rule and differ by a few pixels on about a third of polygons, inside the
+image too (14 pixels on the example's left cat). X-SAM (`img_reaseg_dataset.py`, the same
+polylines + fillPoly calls) pins no OpenCV version (it comes in through its other requirements), so
+an install from 2025 on, when 4.11+ was current, draws what we draw; masks from LISA's own pinned
+environment can differ from ours by those few pixels. A further test compares against PIL's
+`ImageDraw.polygon(outline=...)`, an independent rasteriser whose boundary rule differs: they agree
+except on pixels next to the outline.
 
 Record: key `make_key("reasonseg", split, stem)`; split = `--split` or the folder (archive) name
 (`train`/`val`/`test`); `phrases` = the queries as given (LISA lowercases short queries when it
@@ -93,6 +110,8 @@ CORPUS = "reasonseg"
 TARGET_VALUE, IGNORE_VALUE = 1, 255
 _XY_SHIFT = 16
 _LEFT_DELTA = (1 << _XY_SHIFT) - 1  # a span starts at ceil(x_left) and ends at floor(x_right)
+_INACTIVE = np.iinfo(np.int64).max  # x of an edge not active on a row: sorts last
+_FILL_CELLS = 1 << 18  # rows x edges evaluated at once by the scan conversion
 FIX_SRC = "pass one split folder of the LISA release, e.g. --src ReasonSeg/train (NAME.jpg + NAME.json pairs)"
 FIX_EXPL = "pass LISA's explanatory/train.json: a list of {image, query, outputs}"
 
@@ -100,125 +119,129 @@ FIX_EXPL = "pass LISA's explanatory/train.json: a list of {image, query, outputs
 # ---- OpenCV-equivalent polygon rasterisation (LINE_8, shift 0) ------------------------------
 
 
-def _clip_line(w: int, h: int, x1: int, y1: int, x2: int, y2: int) -> tuple[int, int, int, int] | None:
-    """OpenCV `clipLine` on an image of size (w, h): the segment clipped to [0, w-1] x [0, h-1]."""
+def _trunc_div(num: int, den: int) -> int:
+    """C integer division (truncates toward zero), on Python ints."""
+    q = abs(num) // abs(den)
+    return q if (num >= 0) == (den > 0) else -q
+
+
+def _clip_line(w: int, h: int, x1: int, y1: int, x2: int, y2: int) -> tuple[int, int, int, int, bool]:
+    """OpenCV `clipLine` on an image of size (w, h): the end points moved onto [0, w-1] x [0, h-1]
+    and whether the segment touches the image.
+
+    One pass, first y then x, each intercept computed in double and truncated; the second end point
+    is moved along the line through the already moved first one. When the segment turns out to miss
+    the image the end points may already be moved: `CollectPolyEdges` uses them anyway."""
+    if w <= 0 or h <= 0:
+        return x1, y1, x2, y2, False
     right, bottom = w - 1, h - 1
-
-    def code(x: int, y: int) -> int:
-        return (x < 0) + (x > right) * 2 + (y < 0) * 4 + (y > bottom) * 8
-
-    c1, c2 = code(x1, y1), code(x2, y2)
+    c1 = (x1 < 0) + (x1 > right) * 2 + (y1 < 0) * 4 + (y1 > bottom) * 8
+    c2 = (x2 < 0) + (x2 > right) * 2 + (y2 < 0) * 4 + (y2 > bottom) * 8
     if (c1 & c2) == 0 and (c1 | c2) != 0:
         if c1 & 12:
             a = 0 if c1 < 8 else bottom
-            x1 += int((a - y1) * (x2 - x1) / (y2 - y1))
+            x1 += int(float(a - y1) * float(x2 - x1) / float(y2 - y1))
             y1 = a
             c1 = (x1 < 0) + (x1 > right) * 2
         if c2 & 12:
             a = 0 if c2 < 8 else bottom
-            x2 += int((a - y2) * (x2 - x1) / (y2 - y1))
+            x2 += int(float(a - y2) * float(x2 - x1) / float(y2 - y1))
             y2 = a
             c2 = (x2 < 0) + (x2 > right) * 2
         if (c1 & c2) == 0 and (c1 | c2) != 0:
             if c1:
                 a = 0 if c1 == 1 else right
-                y1 += int((a - x1) * (y2 - y1) / (x2 - x1))
+                y1 += int(float(a - x1) * float(y2 - y1) / float(x2 - x1))
                 x1 = a
                 c1 = 0
             if c2:
                 a = 0 if c2 == 1 else right
-                y2 += int((a - x2) * (y2 - y1) / (x2 - x1))
+                y2 += int(float(a - x2) * float(y2 - y1) / float(x2 - x1))
                 x2 = a
                 c2 = 0
-    if (c1 | c2) != 0:
-        return None
-    return x1, y1, x2, y2
+    return x1, y1, x2, y2, (c1 | c2) == 0
 
 
-def _draw_line(out: np.ndarray, x1: int, y1: int, x2: int, y2: int) -> None:
-    """OpenCV `Line` (8-connected `LineIterator`, left to right) from (x1, y1) to (x2, y2)."""
-    h, w = out.shape
-    clipped = _clip_line(w, h, x1, y1, x2, y2)
-    if clipped is None:
-        return
-    x1, y1, x2, y2 = clipped
-    if x2 < x1:  # leftToRight: start at the left end point
+def _line_pixels(x1: int, y1: int, x2: int, y2: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xs, ys) of OpenCV's 8-connected `LineIterator` walk from (x1, y1) to (x2, y2), started at
+    the left end point: one major-axis step per pixel, plus a minor-axis step while `err < 0`
+    (err_0 = major - 2 minor; -2 minor per pixel, +2 major per minor step). The minor offset after
+    k pixels is then ceil((2 minor k - major) / (2 major)), computed here in closed form."""
+    if x2 < x1:
         x1, y1, x2, y2 = x2, y2, x1, y1
     dx, dy = x2 - x1, y2 - y1
     sy = -1 if dy < 0 else 1
     dy = abs(dy)
-    if dy > dx:  # y is the major axis
-        major, minor, n = dy, dx, dy + 1
-        i = np.arange(n)
-        steps = _minor_steps(major, minor, n)
-        ys, xs = y1 + sy * i, x1 + steps
-    else:
-        major, minor, n = dx, dy, dx + 1
-        i = np.arange(n)
-        steps = _minor_steps(major, minor, n)
-        xs, ys = x1 + i, y1 + sy * steps
-    out[ys, xs] = True
+    major, minor = max(dx, dy), min(dx, dy)
+    k = np.arange(major + 1, dtype=np.int64)
+    steps = (2 * minor * k + major - 1) // (2 * major) if major else k
+    if dy > dx:
+        return x1 + steps, y1 + sy * k
+    return x1 + k, y1 + sy * steps
 
 
-def _minor_steps(major: int, minor: int, n: int) -> np.ndarray:
-    """Minor-axis offset of each of the n pixels: the walk steps minor when err < 0, where
-    err_0 = major - 2 minor and each step adds -2 minor (+ 2 major when it stepped)."""
-    steps = np.zeros(n, dtype=np.int64)
-    err = major - 2 * minor
-    m = 0
-    for k in range(1, n):
-        if err < 0:
-            m += 1
-            err += 2 * major - 2 * minor
-        else:
-            err -= 2 * minor
-        steps[k] = m
-    return steps
+def _fill_spans(out: np.ndarray, edges: np.ndarray) -> None:
+    """OpenCV `FillEdgeCollection` into `out` for edges (y0, y1, x at y0 in 16.16, dx per row).
+
+    An edge is active on rows y0 <= y < y1 with x = x_y0 + (y - y0) dx (OpenCV steps it row by row,
+    the same integers). Per row OpenCV keeps the active edges sorted by x and fills between the
+    1st and 2nd, 3rd and 4th, ...: pixels ceil(x_a) .. floor(x_b), clipped to the image. The x of
+    all edges are computed for a block of rows at once (blocks bound the rows x edges memory)."""
+    height, width = out.shape
+    y_lo = max(int(edges[:, 0].min()), 0)
+    y_hi = min(int(edges[:, 1].max()), height)
+    y0, y1, x0, dx = (edges[:, i][None, :] for i in range(4))
+    pairs = 2 * (len(edges) // 2)  # an even number of edges is active on every row
+    block = max(1, _FILL_CELLS // len(edges))
+    for top in range(y_lo, y_hi, block):
+        n = min(block, y_hi - top)
+        rows = np.arange(top, top + n, dtype=np.int64)[:, None]
+        xs = np.where((rows >= y0) & (rows < y1), x0 + (rows - y0) * dx, _INACTIVE)
+        xs.sort(axis=1)
+        left, right = xs[:, 0:pairs:2], xs[:, 1:pairs:2]
+        xa = (left >> _XY_SHIFT) + ((left & _LEFT_DELTA) != 0)  # ceil, without overflowing _INACTIVE
+        xb = right >> _XY_SHIFT
+        used = (left != _INACTIVE) & (xa <= xb) & (xa < width) & (xb >= 0)
+        r = np.broadcast_to(rows, used.shape)[used].tolist()
+        starts, stops = np.maximum(xa[used], 0).tolist(), (np.minimum(xb[used], width - 1) + 1).tolist()
+        for y, a, b in zip(r, starts, stops):  # a slice per span beats any per-pixel pass over the box
+            out[y, a:b] = True
 
 
 def polygon_raster(points: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W) bool: `cv2.polylines(m, [pts], True, 1, 1)` + `cv2.fillPoly(m, [pts], 1)` for one
     int32 contour `points` (N, 2) of (x, y), as OpenCV 8-connected drawing does (see module doc)."""
-    pts = np.asarray(points, dtype=np.int64).reshape(-1, 2)
+    pts = np.asarray(points, dtype=np.int64).reshape(-1, 2).tolist()
     out = np.zeros((height, width), dtype=bool)
-    n = len(pts)
-    if n == 0:
-        return out
-    # edges (fillPoly draws them, polylines draws them again)
-    for i in range(n):
-        x0, y0 = (int(v) for v in pts[i - 1])
-        x1, y1 = (int(v) for v in pts[i])
-        _draw_line(out, x0, y0, x1, y1)
-    # scan-converted interior
-    edges = []
-    for i in range(n):
-        x0, y0 = (int(v) for v in pts[i - 1])
-        x1, y1 = (int(v) for v in pts[i])
+    line_x: list[np.ndarray] = []
+    line_y: list[np.ndarray] = []
+    edges: list[tuple[int, int, int, int]] = []
+    for i in range(len(pts)):
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        # the edge as drawn: fillPoly draws it, polylines draws the very same pixels again
+        cx0, cy0, cx1, cy1, visible = x0, y0, x1, y1, True
+        if not (0 <= x0 < width and 0 <= x1 < width and 0 <= y0 < height and 0 <= y1 < height):
+            cx0, cy0, cx1, cy1, visible = _clip_line(width, height, x0, y0, x1, y1)
+        if visible:
+            xs, ys = _line_pixels(cx0, cy0, cx1, cy1)
+            line_x.append(xs)
+            line_y.append(ys)
         if y0 == y1:
             continue
-        cx0, cy0, cx1, cy1 = x0, y0, x1, y1
-        if not (0 <= x0 < width and 0 <= x1 < width and 0 <= y0 < height and 0 <= y1 < height):
-            clipped = _clip_line(width, height, x0, y0, x1, y1)
-            if clipped is not None and clipped[1] != clipped[3]:
-                cx0, cy0, cx1, cy1 = clipped  # OpenCV builds the edge from the clipped segment
-        num = (cx1 - cx0) << _XY_SHIFT
-        den = cy1 - cy0
-        q = abs(num) // abs(den)
-        slope = q if (num >= 0) == (den > 0) else -q  # C division truncates toward zero
-        if y0 < y1:  # x at the original top row, extrapolated along the (clipped) slope
-            edges.append((y0, y1, (cx0 << _XY_SHIFT) + (y0 - cy0) * slope, slope))
+        # the edge as filled: OpenCV takes x from the clipped end points (moved even when the segment
+        # misses the image) and y from them only when they still differ, and extrapolates that
+        # slope back to the edge's own rows
+        if cy0 == cy1:
+            cy0, cy1 = y0, y1
+        dx = _trunc_div((cx1 - cx0) << _XY_SHIFT, cy1 - cy0)
+        if y0 < y1:
+            edges.append((y0, y1, (cx0 << _XY_SHIFT) + (y0 - cy0) * dx, dx))
         else:
-            edges.append((y1, y0, (cx1 << _XY_SHIFT) + (y1 - cy1) * slope, slope))
-    if len(edges) < 2:
-        return out
-    y_lo = max(min(e[0] for e in edges), 0)
-    y_hi = min(max(e[1] for e in edges), height)
-    for y in range(y_lo, y_hi):
-        xs = sorted(x + (y - top) * dx for top, bottom, x, dx in edges if top <= y < bottom)
-        for a, b in zip(xs[0::2], xs[1::2]):
-            xa, xb = (a + _LEFT_DELTA) >> _XY_SHIFT, b >> _XY_SHIFT
-            if xa < width and xb >= 0:
-                out[y, max(xa, 0) : min(xb, width - 1) + 1] = True
+            edges.append((y1, y0, (cx1 << _XY_SHIFT) + (y1 - cy1) * dx, dx))
+    if len(edges) >= 2:  # a closed contour has none or at least two
+        _fill_spans(out, np.array(edges, dtype=np.int64))
+    if line_x:
+        out[np.concatenate(line_y), np.concatenate(line_x)] = True
     return out
 
 

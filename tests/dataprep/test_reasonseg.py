@@ -3,8 +3,9 @@
 Reference masks are computed here independently, with PIL's `ImageDraw.polygon(fill, outline)` on
 the int32-truncated points painted in LISA's order (largest first, ignore = 255, flag skipped). PIL's
 boundary rule is not OpenCV's, so converter and reference may differ only on pixels next to a
-polygon outline (the converter's rasteriser matches OpenCV exactly on in-image polygons: see
-`dataprep/converters/reasonseg.py`).
+polygon outline. OpenCV itself is not a dependency: `test_rasteriser_equals_opencv_golden` compares
+the rasteriser pixel for pixel with masks real OpenCV drew once (`data/opencv_polygons.json`,
+written by `data/make_opencv_polygons.py`, whose docstring says how to regenerate it).
 
 Ignore, precisely: LISA paints shapes largest first, so `ignore` = pixels whose LAST painted shape is
 an ignore shape, = union of ignore rasters minus the pixels of target shapes smaller than that ignore
@@ -37,6 +38,16 @@ from jobs.convert import run_conversion
 from xsam.data import masks
 from xsam.data.render import RenderOptions, load_templates, render_record
 from xsam.data.schema import SEG_TOKEN
+
+
+GOLDEN = Path(__file__).parent / "data" / "opencv_polygons.json"
+
+
+def runs_to_mask(runs: list[int], h: int, w: int) -> np.ndarray:
+    """Row-major run lengths, alternating 0-runs and 1-runs from a 0-run, -> (h, w) bool."""
+    if sum(runs) != h * w:
+        raise ValueError(f"runs cover {sum(runs)} pixels, the image has {h * w}")
+    return np.repeat(np.arange(len(runs)) % 2 == 1, runs).reshape(h, w)
 
 
 def pil_raster(points: list[list[float]], h: int, w: int) -> np.ndarray:
@@ -120,6 +131,25 @@ def test_rasteriser_vs_pil_and_flag(example):
     want = np.zeros((10, 12), bool)
     want[2:7, 3:10] = True
     assert np.array_equal(polygon_raster(rect, 10, 12), want)
+
+
+def test_rasteriser_equals_opencv_golden():
+    """Every polygon of the golden file, mostly crossing the image border, rasterises to exactly
+    the mask `cv2.polylines(m, [pts], True, 1, 1)` + `cv2.fillPoly(m, [pts], 1)` gave."""
+    doc = json.loads(GOLDEN.read_text())
+    cases = doc["cases"]
+    crossing = [c for c in cases
+                if any(not (0 <= x < c["width"] and 0 <= y < c["height"]) for x, y in c["points"])]
+    assert doc["opencv"].startswith("5.") and len(cases) >= 300 and len(crossing) >= 250
+    assert {"border_lines", "far_outside", "very_far", "degenerate", "inside"} <= {c["kind"] for c in cases}
+    wrong = []
+    for i, case in enumerate(cases):
+        h, w = case["height"], case["width"]
+        want = runs_to_mask(case["runs"], h, w)
+        got = polygon_raster(np.array(case["points"], dtype=np.int32), h, w)
+        if not np.array_equal(got, want):
+            wrong.append(f"case {i} ({case['kind']}, {w}x{h}): {int((got != want).sum())} pixels differ")
+    assert not wrong, f"{len(wrong)} of {len(cases)} polygons differ from OpenCV: {wrong[:10]}"
 
 
 def test_accounting_keys_lint(converted):
