@@ -101,7 +101,7 @@ def prompt_rle(value: Any, h: int, w: int) -> tuple[RLE | None, str, str]:
 class CocoVgd(CocoJsonConverter):
     name = "coco-vgd"
     task = "vgdseg"
-    version = "1"
+    version = "2"  # 2: prompt geometry from det_sin/det_cos (vprompts.GENERATOR v2)
     required_inputs = {
         "images": "folder or .zip/.tar of the COCO images (e.g. val2017/)",
         "annotations": "COCO instances JSON (prompts generated, seeded) or X-SAM's img_vgdseg_coco_*.json",

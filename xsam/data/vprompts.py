@@ -20,6 +20,13 @@ scribble radius 5): the instance mask is split into 8-connected components with 
 - mask: the whole instance mask, Gaussian-blurred (σ = 2) and thresholded at the blurred image's
   mean (deterministic: no seed needed; stored as RLE by the converters).
 Geometry uses image pixels, x = column, y = row; boxes are [x0, y0, x1, y1) (end exclusive).
+
+Same bits on every machine: the sines, cosines and the Gaussian's exponential of generation and
+rasterisation are `det_sin`, `det_cos`, `det_exp` below, polynomials evaluated with IEEE-754 +, -, *,
+/ and rint only (each correctly rounded everywhere), not the platform's libm or numpy's SIMD
+transcendental kernels, whose last bit differs between CPUs and builds; a last-bit difference can
+move a truncated pixel coordinate, so a dataset converted on one machine and rasterised on another
+would not be byte- and pixel-identical.
 """
 
 from __future__ import annotations
@@ -41,7 +48,51 @@ SCRIBBLE_RADIUS = 5
 MIN_AREA = 5
 MAX_RETRIES = 1000
 MASK_SIGMA = 2.0
-GENERATOR = "x-sam-vprompt-v1"
+GENERATOR = "x-sam-vprompt-v2"  # v2: det_sin/det_cos instead of libm (same procedure and draws)
+
+
+_PI = 3.141592653589793
+_HALF_PI = 1.5707963267948966
+_TWO_PI = 6.283185307179586
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # fdlibm's split of ln 2
+# 1/(2k+1)! for sin (x, x^3, ..., x^21) and 1/k! for exp (1, x, ..., x^14), highest degree first
+_SIN_COEFFS = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(10, -1, -1))
+_EXP_COEFFS = tuple(1 / math.factorial(k) for k in range(14, -1, -1))
+
+
+def _horner(coeffs: tuple[float, ...], x: np.ndarray) -> np.ndarray:
+    out = np.full_like(x, coeffs[0])
+    for c in coeffs[1:]:
+        out = out * x + c  # two ufuncs: a multiply and an add, never fused
+    return out
+
+
+def det_sin(x: Any) -> Any:
+    """sin(x), the same bits on every IEEE-754 machine (see the module doc): reduce by 2π to [-π, π],
+    fold to [-π/2, π/2], then the Taylor polynomial to x^21 (truncation error below 1e-19 there).
+    Within 2 ulp on [-π/2, π/2]; the one-step reduction adds ~1e-16·|x| absolute error, fine for the
+    angles of a few turns used here. Floats in, float out; arrays in, float64 array out."""
+    a = np.asarray(x, dtype=np.float64)
+    r = a - np.rint(a / _TWO_PI) * _TWO_PI
+    r = np.where(r > _HALF_PI, _PI - r, r)
+    r = np.where(r < -_HALF_PI, -_PI - r, r)
+    out = r * _horner(_SIN_COEFFS, r * r)
+    return float(out) if out.ndim == 0 else out
+
+
+def det_cos(x: Any) -> Any:
+    """cos(x) = sin(x + π/2), by `det_sin` (same bits on every machine)."""
+    return det_sin(np.asarray(x, dtype=np.float64) + _HALF_PI)
+
+
+def det_exp(x: Any) -> Any:
+    """exp(x) within ~2 ulp for -700 < x < 700, the same bits on every IEEE-754 machine: x = k ln2 + r,
+    |r| <= ln2/2, the Taylor polynomial of exp(r) to r^14, times 2^k (exact)."""
+    a = np.asarray(x, dtype=np.float64)
+    k = np.rint(a / _LN2_HI)
+    r = (a - k * _LN2_HI) - k * _LN2_LO
+    out = np.ldexp(_horner(_EXP_COEFFS, r), k.astype(np.int32))
+    return float(out) if out.ndim == 0 else out
 
 
 def prompt_seed(record_key: str, annotation_id: int, kind: str) -> int:
@@ -151,8 +202,8 @@ def generate(mask: np.ndarray, kind: str, seed: int) -> dict[str, Any] | None:
             for _ in range(MAX_RETRIES):
                 radius = min(r1 - r0, c1 - c0) * 0.5
                 angle = rng.uniform(0, 2 * math.pi)
-                dy = rng.uniform(0, radius) * math.cos(angle)
-                dx = rng.uniform(0, radius) * math.sin(angle)
+                dy = rng.uniform(0, radius) * det_cos(angle)
+                dx = rng.uniform(0, radius) * det_sin(angle)
                 y = min(max(int(cy + dy), r0), r1 - 1)
                 x = min(max(int(cx + dx), c0), c1 - 1)
                 if mask[y, x]:
@@ -221,7 +272,7 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian (truncate 4σ, half-sample symmetric borders: scipy.ndimage's defaults)."""
     radius = int(4.0 * sigma + 0.5)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    kernel = det_exp(-0.5 * (x / sigma) * (x / sigma))
     kernel /= kernel.sum()
     out = image.astype(np.float64)
     for axis in (0, 1):
@@ -298,7 +349,7 @@ def stroke_pixels(
     rr, cc = bresenham(int(y0), int(x0), int(y1), int(x1))
     rows = rr.astype(np.float32)
     t = np.linspace(0, 1, len(rr))
-    rows += float(stroke["amplitude"]) * np.sin(
+    rows += float(stroke["amplitude"]) * det_sin(
         2 * np.pi * float(stroke["frequency"]) * t + float(stroke["phase"])
     )
     rows = np.clip(rows, 0, height - 1).astype(np.int32)
