@@ -54,7 +54,7 @@ DILATE = {"point": vprompts.POINT_RADIUS, "scribble": vprompts.SCRIBBLE_RADIUS}
 class CocoInteractive(CocoVgd):
     name = "coco-interactive"
     task = "intseg"
-    version = "1"
+    version = "2"  # 2: prompts on crowd annotations are quarantined as crowd_region
     required_inputs = {
         "images": "folder or .zip/.tar of the COCO images (val2017/ for the val file, train2017/ for train)",
         "annotations": "PSALM's COCO-Interactive JSON (coco_interactive_{train,val}_psalm.json)",

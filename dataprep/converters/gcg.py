@@ -45,7 +45,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-
 from dataprep.converters.base import (
     Converted,
     ConvertOptions,

@@ -328,7 +328,7 @@ def load_explanations(path: str) -> tuple[dict[str, str], InputFile]:
 class ReasonSeg(Converter):
     name = CORPUS
     task = "reaseg"
-    version = "1"
+    version = "2"  # 2: OpenCV-exact fill of polygons crossing the image border
     required_inputs = {"src": "one split folder (or .zip/.tar) of the LISA ReasonSeg release: NAME.jpg + NAME.json"}
     optional_inputs = {
         "explanations": "LISA's explanatory/train.json (image -> explanation), for the train split",

@@ -100,7 +100,7 @@ class _Refer(Converter):
     """What the four REFER-style corpora share (see the module doc)."""
 
     task = "refseg"
-    version = "1"
+    version = "2"  # 2: refs without sentences are upstream_filter; RLE-piece lists are unions
     key_name: ClassVar[str]
     generalized: ClassVar[bool] = False
     required_inputs = {
