@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Literal
 
-import numpy as np
 from pydantic import ValidationError
 
 from dataprep.imagecheck import DEFAULT_MAX_PIXELS, ImageRejected, inspect_image
@@ -175,42 +174,6 @@ def group_by_key(members: Iterator[Member]) -> Iterator[tuple[str, list[Member]]
 # ------------------------------------------------------------------------------------ masks
 
 
-def rle_counts(counts: str) -> np.ndarray:
-    """Decode a COCO compressed RLE counts string to its run lengths (int64), validating it.
-
-    Same arithmetic as pycocotools' `rleFrString` (6-bit groups, 0x20 = more, 0x10 = sign, runs from
-    the third on are deltas to the run two before), vectorised. Raises ValueError on a malformed
-    string. pycocotools itself does not check that the runs cover the mask: runs that fall short
-    decode to uninitialised memory, so lint checks the sum before decoding.
-    """
-    raw = np.frombuffer(counts.encode("ascii", errors="replace"), dtype=np.uint8).astype(np.int64) - 48
-    if raw.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    bad = np.flatnonzero((raw < 0) | (raw > 63))
-    if bad.size:
-        raise ValueError(f"invalid character {counts[int(bad[0])]!r} at position {int(bad[0])} of the counts string")
-    more = (raw & 0x20) != 0
-    if more[-1]:
-        raise ValueError("the counts string ends in the middle of a number")
-    ends = np.flatnonzero(~more)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
-    if lengths.max() > 7:  # 7 x 5 bits = 35 bits: far above any real run length
-        raise ValueError("a run length in the counts string is absurdly long")
-    group = np.repeat(np.arange(ends.size), lengths)
-    shift = 5 * (np.arange(raw.size) - starts[group])
-    values = np.zeros(ends.size, dtype=np.int64)
-    np.add.at(values, group, (raw & 0x1F) << shift)
-    negative = (raw[ends] & 0x10) != 0
-    values[negative] |= np.left_shift(np.int64(-1), 5 * lengths[negative])
-    runs = values.copy()
-    if runs.size > 3:
-        runs[3::2] = runs[1] + np.cumsum(values[3::2])
-    if runs.size > 4:
-        runs[4::2] = runs[2] + np.cumsum(values[4::2])
-    return runs
-
-
 def check_rle(rle: RLE, height: int, width: int, *, decode: bool = False) -> str | None:
     """None when `rle` is a well-formed mask of exactly (height, width); else what is wrong.
 
@@ -219,15 +182,9 @@ def check_rle(rle: RLE, height: int, width: int, *, decode: bool = False) -> str
     """
     if tuple(rle.size) != (height, width):
         return f"size {list(rle.size)} != image [h, w] [{height}, {width}]"
-    try:
-        runs = rle_counts(rle.counts)
-    except ValueError as err:
-        return f"malformed RLE counts: {err}"
-    if runs.size and runs.min() < 0:
-        return f"RLE has a negative run ({int(runs.min())})"
-    total = int(runs.sum())
-    if total != height * width:
-        return f"RLE runs cover {total} pixels, the image has {height} x {width} = {height * width}"
+    problem = masks.counts_problems([rle.counts], height * width)[0]
+    if problem is not None:
+        return f"malformed RLE counts: {problem} ({height} x {width})"
     if not decode:
         return None
     try:

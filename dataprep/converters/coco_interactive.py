@@ -41,7 +41,7 @@ from dataprep.converters.base import (
     UpstreamRecord,
     load_json_input,
 )
-from dataprep.converters.coco_vgd import CocoVgd, flavor_kinds, prompt_rle
+from dataprep.converters.coco_vgd import CocoVgd, flavor_kinds, prompt_counts_problems, prompt_rle
 from dataprep.quarantine import InputError, QuarantineRow, RecordRejected
 from xsam.data import masks, vprompts
 from xsam.data.schema import Record, VisualPrompt
@@ -97,13 +97,16 @@ class CocoInteractive(CocoVgd):
         h, w = image.height, image.width
         kinds = flavor_kinds(self.inputs.get("flavor"), self.name)
         parts: list[QuarantineRow] = []
-        segments, crowd, names = self._annotation_segments(upstream, h, w, parts)
+        segments, crowd, names = self._annotation_segments(upstream, h, w, parts, options)
         raw = {
             a.get("id"): a
             for a in upstream.payload["annotations"]
             if isinstance(a, dict)
         }
         prompts: list[VisualPrompt] = []
+        problems = prompt_counts_problems(
+            [raw[seg.id].get(key) for seg in segments if not seg.iscrowd for key in PROMPT_KEYS], h, w
+        )
         for seg in segments:
             ann = raw[seg.id]
             if seg.iscrowd:  # its region is ignored by losses and metrics: not a target to prompt for
@@ -118,7 +121,7 @@ class CocoInteractive(CocoVgd):
             for key, kind in PROMPT_KEYS.items():
                 if kind not in kinds or ann.get(key) is None:
                     continue
-                rle, reason, message = prompt_rle(ann[key], h, w)
+                rle, reason, message = prompt_rle(ann[key], h, w, problems)
                 if rle is None:
                     parts.append(
                         self._part(upstream, f"{seg.id}:{kind}", reason, message)

@@ -70,9 +70,19 @@ def flavor_kinds(flavor: str | None, name: str) -> tuple[str, ...]:
     return (flavor,)
 
 
-def prompt_rle(value: Any, h: int, w: int) -> tuple[RLE | None, str, str]:
+def prompt_counts_problems(values: list[Any], h: int, w: int) -> dict[str, str | None]:
+    """`masks.counts_problems` of every compressed-RLE prompt among `values` (a record's prompts, in
+    one pass), by counts string: what `prompt_rle` takes as `problems`."""
+    strings = [v["counts"] for v in values if isinstance(v, dict) and isinstance(v.get("counts"), str)]
+    return dict(zip(strings, masks.counts_problems(strings, h * w)))
+
+
+def prompt_rle(
+    value: Any, h: int, w: int, problems: dict[str, str | None] | None = None
+) -> tuple[RLE | None, str, str]:
     """An upstream prompt mask -> (RLE, "", "") kept byte-for-byte when it is compressed RLE, or
-    (None, reason, message). Polygons and uncompressed RLE are normalised to compressed RLE."""
+    (None, reason, message). Polygons and uncompressed RLE are normalised to compressed RLE.
+    `problems` (`prompt_counts_problems`) holds the run check of compressed counts done already."""
     if (
         isinstance(value, dict)
         and isinstance(value.get("counts"), str)
@@ -84,7 +94,12 @@ def prompt_rle(value: Any, h: int, w: int) -> tuple[RLE | None, str, str]:
                 "size_mismatch",
                 f"prompt RLE size {value['size']} != image [h, w] [{h}, {w}]",
             )
-        rle = RLE(size=(h, w), counts=value["counts"])
+        counts = value["counts"]
+        problem = problems[counts] if problems is not None and counts in problems else \
+            masks.counts_problems([counts], h * w)[0]
+        if problem is not None:  # pycocotools would decode it from uninitialised memory
+            return None, "invalid_annotation", f"unreadable prompt RLE: {problem}"
+        rle = RLE(size=(h, w), counts=counts)
         try:
             empty = masks.area(rle) == 0
         except Exception as err:  # noqa: BLE001 - pycocotools raises bare errors on garbage
@@ -264,7 +279,7 @@ class CocoVgd(CocoJsonConverter):
         h, w = image.height, image.width
         kinds = flavor_kinds(self.inputs.get("flavor"), self.name)
         parts: list[QuarantineRow] = []
-        segments, crowd, names = self._annotation_segments(upstream, h, w, parts)
+        segments, crowd, names = self._annotation_segments(upstream, h, w, parts, options)
         by_cat: dict[int | None, list[int]] = defaultdict(list)
         for seg in segments:
             if not seg.iscrowd:
@@ -360,10 +375,11 @@ class CocoVgd(CocoJsonConverter):
             else {}
         )
         out = []
+        problems = prompt_counts_problems(list(given.values()), h, w)
         for key, kind in XSAM_KEYS.items():
             if kind not in kinds or given.get(key) is None:
                 continue
-            rle, reason, message = prompt_rle(given[key], h, w)
+            rle, reason, message = prompt_rle(given[key], h, w, problems)
             if rle is None:  # X-SAM skips empty prompts; we quarantine them as parts
                 parts.append(self._part(upstream, f"{seg.id}:{kind}", reason, message))
                 continue

@@ -16,7 +16,8 @@ from conftest import run_cli
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-from dataprep.lint import check_rle, lint_dataset, rle_counts
+from dataprep.lint import check_rle, lint_dataset
+from xsam.data.masks import rle_counts
 from xsam.data.manifest import (
     INDEX,
     INDEX_SCHEMA,

@@ -16,11 +16,15 @@ import tarfile
 import zlib
 
 import pytest
-from builders import build_instances, build_panoptic, load_json
+from builders import build_instances, build_panoptic, load_json, read_records
 from PIL import Image as PILImage
+from pycocotools import mask as mask_utils
 
 from dataprep.convert import ConvertParams
 from xsam.data.manifest import INDEX, QUARANTINE, read_parquet
+from xsam.data import masks
+from xsam.data.masks import rle_counts
+from dataprep.lint import lint_dataset
 from xsam.data.storage import open_storage
 from jobs.convert import run_conversion
 
@@ -163,6 +167,36 @@ def test_instances_part_level_reasons(ray_session, corpora, tmp_path):
     }
     per_key = {r["key"][-2:]: r["segments"] for r in index}
     assert per_key == {"01": 6 - 3, "02": 6}  # image 1 lost exactly its three bad annotations
+
+
+def test_rle_runs_short_of_the_image(ray_session, corpora, tmp_path):
+    """A real mask's RLE with its last run cut off: its runs cover less than the image, and
+    pycocotools would decode the rest from uninitialised memory. `--verify full` quarantines it
+    (part, invalid_annotation); the default structural pass keeps upstream RLE strings as they are,
+    and then lint names it and decoding refuses it instead of returning garbage."""
+    paths = build_instances(corpora, tmp_path / "coco", 2, sample="rle")
+    doc = load_json(paths["annotations"])
+    image = next(i for i in doc["images"] if i["id"] == 1)
+    h, w = image["height"], image["width"]
+    ann = next(a for a in doc["annotations"] if a["image_id"] == 1)
+    runs = rle_counts(ann["segmentation"]["counts"]).tolist()
+    short = mask_utils.frPyObjects({"size": [h, w], "counts": runs[:-1]}, h, w)
+    ann["segmentation"] = {"size": [h, w], "counts": short["counts"].decode()}
+    paths["annotations"].write_text(json.dumps(doc))
+    inputs = {k: str(v) for k, v in paths.items()}
+    run_conversion("coco-instances", str(tmp_path / "full"), inputs, ConvertParams(verify="full"), num_workers=1)
+    meta, index, quarantine = _rows(tmp_path / "full")
+    assert [(q["level"], q["reason"], q["part_id"]) for q in quarantine] == [
+        ("part", "invalid_annotation", str(ann["id"]))]
+    assert f"RLE runs cover {sum(runs[:-1])} pixels, the mask has {h * w}" in quarantine[0]["message"]
+    assert meta["totals"]["samples"] == 2
+    run_conversion("coco-instances", str(tmp_path / "structural"), inputs, ConvertParams(), num_workers=1)
+    report = lint_dataset(open_storage(str(tmp_path / "structural")))
+    assert not report.ok and f"RLE runs cover {sum(runs[:-1])} pixels" in str(report.problems)
+    (record,) = [s.record for k, s in read_records(tmp_path / "structural").items() if k.endswith("01")]
+    (seg,) = [s for s in record.segments if s.id == ann["id"]]
+    with pytest.raises(ValueError, match="RLE runs cover"):
+        masks.decode(seg.rle)
 
 
 def test_archive_links_and_escaping_members_are_refused(ray_session, corpora, tmp_path):

@@ -28,6 +28,7 @@ from pycocotools import mask as mask_utils
 
 from xsam.data.batch import PackedBatch, Sample, collate
 from xsam.data.loader import RawItem
+from xsam.data.masks import counts_problems
 from xsam.data.plan import derive_seed
 from xsam.data.render import Category, RenderOptions, Templates, load_templates, render_record, vocabulary_from_table
 from xsam.data.schema import Item, Record, ShardSample
@@ -192,6 +193,9 @@ def _decode_all(rles: list, h: int, w: int) -> np.ndarray:
     if not rles:
         return np.zeros((0, h, w), dtype=bool)
     coco = [{"size": list(r.size), "counts": r.counts.encode("ascii")} for r in rles]
+    for rle, problem in zip(rles, counts_problems([c["counts"] for c in coco], h * w)):
+        if problem is not None:  # pycocotools would fill the rest from uninitialised memory
+            raise ValueError(f"mask RLE of size {list(rle.size)} for a {h} x {w} image: {problem}")
     out = mask_utils.decode(coco)  # [H, W, N] uint8, Fortran order
     if out.shape[:2] != (h, w):
         raise ValueError(f"mask size {out.shape[:2]} != image size {(h, w)}")

@@ -32,9 +32,97 @@ def encode_json(mask: np.ndarray) -> dict:
 
 
 def decode(rle: RLE | dict) -> np.ndarray:
-    """Decode compressed RLE (model or COCO dict) to a boolean (H, W) array."""
+    """Decode compressed RLE (model or COCO dict) to a boolean (H, W) array.
+
+    The runs are checked first (`counts_problems`): pycocotools fills a mask whose runs fall short
+    of H x W from uninitialised memory, different on every call, so such an RLE raises ValueError."""
     coco = to_coco(rle)
+    h, w = (int(v) for v in coco["size"])
+    problem = counts_problems([coco["counts"]], h * w)[0]
+    if problem is not None:
+        raise ValueError(f"RLE of size [{h}, {w}] does not decode: {problem}")
     return mask_utils.decode(coco).astype(bool)
+
+
+_MAX_GROUP = 7  # 6-bit characters per run value: 7 x 5 bits = 35 bits, far above any real run
+
+
+def rle_counts(counts: str | bytes) -> np.ndarray:
+    """A COCO compressed counts string -> its run lengths (int64); ValueError if malformed.
+
+    The arithmetic of pycocotools' `rleFrString` (6-bit characters from '0': 0x20 = another
+    character follows, 0x10 = sign, 5 value bits each; runs from the third on are deltas to the run
+    two before), vectorised."""
+    runs, _, problems = _scan([counts])
+    if 0 in problems:
+        raise ValueError(problems[0])
+    return runs
+
+
+def counts_problems(counts: list[str | bytes], pixels: int) -> list[str | None]:
+    """For each compressed counts string: None when it is well formed with non-negative runs that
+    cover exactly `pixels` (= H x W), else what is wrong. One vectorised pass over all the strings
+    (a record's masks at once), Python work only for the bad ones."""
+    runs, string, problems = _scan(counts)
+    out: list[str | None] = [problems.get(i) for i in range(len(counts))]
+    totals = np.zeros(len(counts), dtype=np.int64)
+    lowest = np.zeros(len(counts), dtype=np.int64)
+    if runs.size:
+        first = np.flatnonzero(np.concatenate(([True], string[1:] != string[:-1])))
+        totals[string[first]] = np.add.reduceat(runs, first)
+        lowest[string[first]] = np.minimum.reduceat(runs, first)
+    for i in np.flatnonzero((totals != pixels) | (lowest < 0)).tolist():
+        if out[i] is None:
+            out[i] = (f"RLE has a negative run ({int(lowest[i])})" if lowest[i] < 0
+                      else f"RLE runs cover {int(totals[i])} pixels, the mask has {pixels}")
+    return out
+
+
+def _scan(counts: list[str | bytes]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """(run lengths of all well-formed strings one after another, the string index of each run,
+    {string index: what is wrong} for the malformed ones, whose runs are left out)."""
+    blobs = [c.encode("ascii", errors="replace") if isinstance(c, str) else bytes(c) for c in counts]
+    lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+    raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).astype(np.int64) - 48
+    owner = np.repeat(np.arange(len(blobs)), lengths)  # string of each character
+    begin = np.cumsum(lengths) - lengths
+    problems: dict[int, str] = {}
+    bad = np.flatnonzero((raw < 0) | (raw > 63))
+    for at in bad[np.unique(owner[bad], return_index=True)[1]].tolist():  # the first bad character
+        i = int(owner[at])
+        problems[i] = f"invalid character {chr(raw[at] + 48)!r} at position {at - begin[i]} of the counts string"
+    nonempty = np.flatnonzero(lengths)
+    for i in nonempty[(raw[begin[nonempty] + lengths[nonempty] - 1] & 0x20) != 0].tolist():
+        problems.setdefault(i, "the counts string ends in the middle of a number")
+    if problems:
+        keep = np.ones(len(blobs), dtype=bool)
+        keep[list(problems)] = False
+        raw, owner = raw[keep[owner]], owner[keep[owner]]
+    if raw.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), problems
+    ends = np.flatnonzero((raw & 0x20) == 0)  # the last character of each run value
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    size = ends - starts + 1
+    for i in np.unique(owner[ends[size > _MAX_GROUP]]).tolist():
+        problems[i] = "a run length in the counts string is absurdly long"
+    group = np.repeat(np.arange(ends.size), size)
+    shift = 5 * np.minimum(np.arange(raw.size) - starts[group], _MAX_GROUP)
+    values = np.add.reduceat((raw & 0x1F) << shift, starts)
+    negative = (raw[ends] & 0x10) != 0
+    values[negative] |= np.left_shift(np.int64(-1), 5 * np.minimum(size[negative], _MAX_GROUP + 1))
+    string = owner[ends]  # string of each value, ascending
+    first = np.searchsorted(string, string)  # index of its string's first value
+    j = np.arange(ends.size) - first  # position of the value in its string
+    runs = values.copy()
+    for cls in ((j % 2) == 1, ((j % 2) == 0) & (j >= 2)):
+        # runs[j] = the sum of the values of j's parity from position 1 (odd) or 2 (even) up to j
+        total = np.cumsum(np.where(cls, values, 0))
+        before = np.where(first > 0, total[np.maximum(first - 1, 0)], 0)
+        runs[cls] = (total - before)[cls]
+    if any(problems.get(i, "").startswith("a run length") for i in problems):
+        ok = ~np.isin(string, [i for i, why in problems.items() if why.startswith("a run length")])
+        runs, string = runs[ok], string[ok]
+    return runs, string, problems
 
 
 def to_coco(rle: RLE | dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image as PILImage
+from pycocotools import mask as mask_utils
 
 from xsam.data import masks
 
@@ -44,3 +45,34 @@ def test_encode_decode_round_trip_and_coco_forms():
     uncompressed = {"size": [7, 9], "counts": [0, 63]}  # COCO crowd form: all ones
     assert masks.area(masks.from_coco(uncompressed)) == 63
     assert masks.union([rle, masks.from_coco(uncompressed)], 7, 9) == masks.from_coco(uncompressed)
+
+
+def test_counts_checked_before_decoding():
+    """Runs that fall short of H x W would decode from uninitialised memory (pycocotools does not
+    check): `counts_problems` finds them, in one pass over many strings, and `decode` refuses them."""
+    rng = np.random.default_rng(3)
+    good = []
+    for _ in range(40):
+        mask = rng.random((17, 23)) < rng.random()
+        good.append(masks.encode(mask).counts)
+    short = mask_utils.frPyObjects({"size": [17, 23], "counts": [5, 7]}, 17, 23)["counts"].decode()
+    long = mask_utils.frPyObjects({"size": [17, 23], "counts": [5, 17 * 23]}, 17, 23)["counts"].decode()
+    batch = [*good[:20], short, "0 1", "1Y", long, *good[20:], ""]
+    got = masks.counts_problems(batch, 17 * 23)
+    assert got[:20] == [None] * 20 and got[24:-1] == [None] * 20
+    assert got[20] == "RLE runs cover 12 pixels, the mask has 391"
+    assert "invalid character ' '" in got[21] and "ends in the middle of a number" in got[22]
+    assert got[23] == f"RLE runs cover {5 + 17 * 23} pixels, the mask has 391"
+    assert got[-1] == "RLE runs cover 0 pixels, the mask has 391"
+    assert got == [masks.counts_problems([c], 17 * 23)[0] for c in batch]  # batching changes nothing
+    for counts in good:
+        runs = masks.rle_counts(counts)
+        assert np.array_equal(np.repeat(np.arange(runs.size) % 2 == 1, runs),
+                              masks.decode(masks.make_rle(17, 23, counts)).ravel(order="F"))
+    with pytest.raises(ValueError, match="RLE runs cover 12 pixels"):
+        masks.decode(masks.make_rle(17, 23, short))
+    from xsam.data.builder import _decode_all  # the loader's batch decode: the same refusal
+
+    assert _decode_all([masks.make_rle(17, 23, c) for c in good[:3]], 17, 23).shape == (3, 17, 23)
+    with pytest.raises(ValueError, match="RLE runs cover 12 pixels"):
+        _decode_all([masks.make_rle(17, 23, good[0]), masks.make_rle(17, 23, short)], 17, 23)
