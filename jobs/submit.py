@@ -11,6 +11,7 @@ non-secret settings below are forwarded, and a tracking URI with a password in i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
@@ -72,26 +73,61 @@ def submit(address: str, argv: list[str], console: Console | None = None,
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def follow_job(client: Any, job_id: str, *, prefix: str = "") -> Any:
+def follow_job(client: Any, job_id: str, *, prefix: str = "", poll_s: float = 0.5) -> Any:
     """Copy a Ray Job's logs to stdout (each line after `prefix`) until it ends; its final status.
-    Safe to call from several threads at once (each follows in its own event loop)."""
-    async def follow() -> None:
-        partial = ""
+    Safe to call from several threads at once (each follows in its own event loop).
+
+    Ray's log stream closes only seconds after the job ends (the dashboard re-reads the log file
+    about every 2 s and closes after two reads past the end), so the status is polled every
+    `poll_s` alongside it: once the job has ended, the rest of its log (complete by then: the
+    entrypoint writes the file itself) is read in one piece and the stream is dropped."""
+    copied = 0  # characters of the job's log written so far
+    partial = ""
+
+    def write(chunk: str) -> None:
+        nonlocal copied, partial
+        copied += len(chunk)
+        if not prefix:
+            sys.stdout.write(chunk)
+        else:
+            partial += chunk
+            *lines, partial = partial.split("\n")
+            sys.stdout.write("".join(f"{prefix}{line}\n" for line in lines))
+        sys.stdout.flush()
+
+    async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            if not prefix:
-                sys.stdout.write(chunk)
-            else:
-                partial += chunk
-                *lines, partial = partial.split("\n")
-                sys.stdout.write("".join(f"{prefix}{line}\n" for line in lines))
-            sys.stdout.flush()
-        if partial:
-            sys.stdout.write(f"{prefix}{partial}\n")
+            write(chunk)
+
+    async def follow() -> None:
+        stream = asyncio.ensure_future(tail())
+        while not stream.done():
+            try:
+                if (await asyncio.to_thread(client.get_job_status, job_id)).is_terminal():
+                    break
+            except Exception:  # the status cannot be read just now: the stream still ends with the job
+                pass
+            await asyncio.wait({stream}, timeout=poll_s)
+        if stream.done():
+            await stream  # raises what the stream raised
+            return
+        try:
+            text = await asyncio.to_thread(client.get_job_logs, job_id)
+        except Exception:  # the log cannot be read in one piece: follow the stream to its end
+            await stream
+            return
+        stream.cancel()  # what it copied so far is a prefix of the complete `text`
+        with contextlib.suppress(asyncio.CancelledError):
+            await stream
+        write(text[copied:])
 
     asyncio.run(follow())
+    if partial:
+        sys.stdout.write(f"{prefix}{partial}\n")
+        sys.stdout.flush()
     status = client.get_job_status(job_id)
     while not status.is_terminal():  # the log stream can end a moment before the status does
-        time.sleep(0.5)
+        time.sleep(poll_s)
         status = client.get_job_status(job_id)
     return status
 
