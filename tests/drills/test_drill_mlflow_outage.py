@@ -19,8 +19,8 @@ from builders import TASK_WORLD_SOURCES
 from conftest import REPO
 
 OUTAGE_S = 30.0
-# Enough steps that the run is still training well after the server went down (a step is ~0.1-0.5 s
-# here); the test fails, rather than passes vacuously, when no step was made during the outage.
+# Enough steps that the run is still training well after the server went down (a step of one item is
+# ~0.1-0.4 s here); the test fails, rather than passes vacuously, when no step was made during the outage.
 STEPS = 150
 PICTURES_EVERY = 50
 
@@ -62,7 +62,9 @@ def test_training_survives_a_30s_mlflow_outage_and_logs_every_metric_once(ray_se
     try:
         server.start()
         tracking = TrackingTarget(uri=server.uri, experiment="outage-drill")
+        # one item per step (not the recipe's two): the drill counts steps' metrics, not what a step trains on
         recipe = _recipe(task_world, "train.epochs=100", f"train.max_steps={STEPS}",
+                         "data.mixture.batching.global_batch_size=1",
                          f"checkpoint.every_n_steps={STEPS}", "checkpoint.keep_last=1",
                          f"mlflow.predictions_every_n_steps={PICTURES_EVERY}")
         box: dict = {}

@@ -63,8 +63,10 @@ def world(s3_server, mlflow_postgres, tmp_path_factory):
                                             "options": {"num-workers": 1}}},
             "stage": {"needs": ["convert-coco-panoptic"], "train": {
                 "recipe": "pipelines/recipes/tiny-stage3.yaml", "num_workers": 1,
+                # one item per step: the corpus has one, which the recipe's global batch of 2 would pad with a copy
                 "set": {"data.root": "${data}", "data.num_workers": 0, "train.max_steps": 10, "train.epochs": 10,
                         "data.mixture.sources": [{"name": "coco-panoptic", "path": "coco-panoptic", "repeat": "sqrt"}],
+                        "data.mixture.batching.global_batch_size": 1,
                         "checkpoint.every_n_steps": 1, "checkpoint.keep_last": 2}}},
             "evaluate": {"needs": ["convert-refcoco"], "evaluate": {
                 "checkpoint": "${steps.stage.checkpoint}", "benchmarks": ["refcoco-val"], "data_root": "${data}"}},
@@ -115,6 +117,7 @@ def _jobs(world) -> list:
     return JobSubmissionClient(world["cluster"].dashboard).list_jobs()
 
 
+@pytest.mark.timeout(1200)  # nine Ray Jobs (three trainings, three evaluations) on a 2-core box
 def test_workflow_runs_skips_reruns_downstream_and_resumes(world):
     from mlflow import MlflowClient
 
