@@ -227,8 +227,9 @@ def bound_unit(case: Case, unit: Any, dest: str, verify: str) -> int:
     Per record: read the image (and, for panoptic, its mask PNG), sha256 each, the structural check
     of each (`imagecheck.inspect_image`: markers through EOI, chunk CRCs; `--verify full` also
     decodes the image), then
-    - instances: pycocotools area + bbox of the record's upstream RLEs and one JSON member holding
-      them (no schema, no rendering, no categories, no index row);
+    - instances: pycocotools area + bbox of the record's upstream RLEs (with `--verify full` also
+      their run check) and one JSON member holding them (no schema, no rendering, no categories,
+      no index row);
     - panoptic: decode the PNG (masks cannot be made without it), nothing more;
     and one fsync of the shard (atomic write). No planning, no completion record, no finalize.
     Everything `run_unit` does beyond this is left out, so bound / copy is an upper limit on what
@@ -236,6 +237,7 @@ def bound_unit(case: Case, unit: Any, dest: str, verify: str) -> int:
     from pycocotools import mask as coco_mask
 
     from dataprep.imagecheck import decode_png_array, inspect_image
+    from xsam.data.masks import counts_problems
 
     images = Path(case.inputs["images"])
     masks = Path(case.inputs["masks"]) if "masks" in case.inputs else None
@@ -258,6 +260,9 @@ def bound_unit(case: Case, unit: Any, dest: str, verify: str) -> int:
                 rles = [{"size": s["size"], "counts": s["counts"].encode("ascii")} for s in segs]
                 coco_mask.area(rles)
                 coco_mask.toBbox(rles)
+                if verify == "full":  # full also checks that every upstream RLE's runs cover its mask
+                    h, w = segs[0]["size"] if segs else (0, 0)
+                    counts_problems([s["counts"] for s in segs], h * w)
                 members.append((f"{up.key}.json", json.dumps({"segments": segs}).encode()))
             for name, blob in members:
                 info = tarfile.TarInfo(name)
