@@ -104,8 +104,9 @@ class CocoInteractive(CocoVgd):
             if isinstance(a, dict)
         }
         prompts: list[VisualPrompt] = []
-        problems = prompt_counts_problems(
-            [raw[seg.id].get(key) for seg in segments if not seg.iscrowd for key in PROMPT_KEYS], h, w
+        problems = prompt_counts_problems(  # the prompts used below, checked in one pass
+            [raw[seg.id].get(key) for seg in segments if not seg.iscrowd
+             for key, kind in PROMPT_KEYS.items() if kind in kinds], h, w
         )
         for seg in segments:
             ann = raw[seg.id]

@@ -95,8 +95,9 @@ def prompt_rle(
                 f"prompt RLE size {value['size']} != image [h, w] [{h}, {w}]",
             )
         counts = value["counts"]
-        problem = problems[counts] if problems is not None and counts in problems else \
-            masks.counts_problems([counts], h * w)[0]
+        if problems is None or counts not in problems:
+            problems = prompt_counts_problems([value], h, w)
+        problem = problems[counts]
         if problem is not None:  # pycocotools would decode it from uninitialised memory
             return None, "invalid_annotation", f"unreadable prompt RLE: {problem}"
         rle = RLE(size=(h, w), counts=counts)
@@ -375,7 +376,7 @@ class CocoVgd(CocoJsonConverter):
             else {}
         )
         out = []
-        problems = prompt_counts_problems(list(given.values()), h, w)
+        problems = prompt_counts_problems([given.get(k) for k, kind in XSAM_KEYS.items() if kind in kinds], h, w)
         for key, kind in XSAM_KEYS.items():
             if kind not in kinds or given.get(key) is None:
                 continue
